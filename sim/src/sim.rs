@@ -1,0 +1,313 @@
+//! [`Sim`]: the handle tests hold — starts the HTTP server, adds workspaces
+//! (with one SSH endpoint per agent), scripts state changes and injects
+//! faults, and exposes what the server saw.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::Context as _;
+use rand::distributions::Alphanumeric;
+use rand::Rng;
+use tokio::sync::{broadcast, watch};
+use uuid::Uuid;
+
+use crate::endpoint::AgentEndpoint;
+use crate::model::{AgentStatus, Lifecycle, Transition};
+use crate::spec::{ApiFault, LoggedRequest, SimOptions, WorkspaceSpec};
+use crate::state::{lock, Shared, World};
+
+/// A running simulated Coder deployment. Cheap to clone.
+#[derive(Clone)]
+pub struct Sim {
+    shared: Arc<Shared>,
+    server: Arc<Mutex<Option<tokio::task::JoinHandle<()>>>>,
+}
+
+fn random_token() -> String {
+    let mut rng = rand::thread_rng();
+    let id: String = (&mut rng)
+        .sample_iter(&Alphanumeric)
+        .take(10)
+        .map(char::from)
+        .collect();
+    let secret: String = (&mut rng)
+        .sample_iter(&Alphanumeric)
+        .take(22)
+        .map(char::from)
+        .collect();
+    format!("{id}-{secret}")
+}
+
+/// Usernames and workspace names as codersdk validates them.
+fn valid_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 32
+        && s.split('-')
+            .all(|part| !part.is_empty() && part.chars().all(|c| c.is_ascii_alphanumeric()))
+}
+
+impl Sim {
+    /// Starts a deployment on `127.0.0.1:0`.
+    pub async fn start(opts: SimOptions) -> anyhow::Result<Sim> {
+        Sim::start_on(SocketAddr::from(([127, 0, 0, 1], 0)), opts).await
+    }
+
+    /// Starts a deployment on a chosen address (the `serve` command's `--addr`).
+    pub async fn start_on(addr: SocketAddr, opts: SimOptions) -> anyhow::Result<Sim> {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("bind {addr}"))?;
+        let local = listener.local_addr()?;
+        let (events, _) = broadcast::channel(1024);
+        let (cut, _) = watch::channel(0u64);
+        let shared = Arc::new(Shared {
+            world: Mutex::new(World::new()),
+            events,
+            token: random_token(),
+            owner: "alice".into(),
+            url: format!("http://{local}"),
+            opts,
+            deployment_id: Uuid::new_v4(),
+            fault: Mutex::new(ApiFault::None),
+            requests: Mutex::new(Vec::new()),
+            watchers: AtomicUsize::new(0),
+            cut,
+            rt: tokio::runtime::Handle::current(),
+            tasks: Mutex::new(Vec::new()),
+        });
+        lock(&shared.world).user_id("alice");
+        let app = crate::api::router(shared.clone());
+        let server = tokio::spawn(async move {
+            if let Err(e) = axum::serve(listener, app).await {
+                log::error!("coder-sim: server stopped: {e}");
+            }
+        });
+        Ok(Sim {
+            shared,
+            server: Arc::new(Mutex::new(Some(server))),
+        })
+    }
+
+    /// Stops accepting API connections, ends watch streams, stops every
+    /// timer and every agent endpoint (killing their connections).
+    pub fn shutdown(&self) {
+        if let Some(server) = lock(&self.server).take() {
+            server.abort();
+        }
+        self.cut_watch_streams();
+        for t in lock(&self.shared.tasks).drain(..) {
+            t.abort();
+        }
+        let endpoints: Vec<Arc<AgentEndpoint>> = {
+            let mut w = lock(&self.shared.world);
+            w.workspaces
+                .iter_mut()
+                .flat_map(|ws| std::mem::take(&mut ws.endpoints).into_values())
+                .collect()
+        };
+        for ep in &endpoints {
+            ep.set_accepting(false);
+            ep.kill_connections();
+        }
+    }
+
+    /// `http://127.0.0.1:PORT`.
+    pub fn url(&self) -> String {
+        self.shared.url.clone()
+    }
+
+    /// A valid session token of the default user.
+    pub fn token(&self) -> String {
+        self.shared.token.clone()
+    }
+
+    /// The default user's username (`alice`).
+    pub fn owner(&self) -> String {
+        self.shared.owner.clone()
+    }
+
+    /// Adds a workspace and starts one SSH endpoint per agent.
+    pub async fn add_workspace(&self, spec: WorkspaceSpec) -> anyhow::Result<()> {
+        anyhow::ensure!(
+            valid_name(&spec.name),
+            "invalid workspace name {:?}",
+            spec.name
+        );
+        if let Some(owner) = &spec.owner {
+            anyhow::ensure!(valid_name(owner), "invalid owner name {owner:?}");
+        }
+        let mut names: Vec<&str> = spec.agents.iter().map(|a| a.name.as_str()).collect();
+        names.sort_unstable();
+        names.dedup();
+        anyhow::ensure!(names.len() == spec.agents.len(), "duplicate agent names");
+        for a in &spec.agents {
+            anyhow::ensure!(valid_name(&a.name), "invalid agent name {:?}", a.name);
+        }
+        let mut endpoints = BTreeMap::new();
+        for a in &spec.agents {
+            let ep = AgentEndpoint::start(self.shared.opts.ssh)
+                .await
+                .with_context(|| format!("start SSH endpoint of agent {}", a.name))?;
+            endpoints.insert(a.name.clone(), Arc::new(ep));
+        }
+        self.shared.insert_workspace(spec, endpoints)
+    }
+
+    fn endpoint(&self, workspace: &str, agent: &str) -> Option<Arc<AgentEndpoint>> {
+        let w = lock(&self.shared.world);
+        let i = w.ws_by_name(workspace)?;
+        w.workspaces[i].endpoints.get(agent).cloned()
+    }
+
+    /// The agent's SSH endpoint (stable across builds).
+    pub fn agent_addr(&self, workspace: &str, agent: &str) -> Option<SocketAddr> {
+        self.endpoint(workspace, agent).map(|e| e.addr())
+    }
+
+    /// `tcp://127.0.0.1:PORT` of the agent's endpoint, for `--tunnel`.
+    pub fn tunnel(&self, workspace: &str, agent: &str) -> Option<String> {
+        self.agent_addr(workspace, agent)
+            .map(|a| format!("tcp://{a}"))
+    }
+
+    /// Private key for `ssh -i` (OpenSSH backend only).
+    pub fn client_key_path(&self, workspace: &str, agent: &str) -> Option<PathBuf> {
+        self.endpoint(workspace, agent)?.client_key_path()
+    }
+
+    /// Live connections on the agent's endpoint.
+    pub fn live_connections(&self, workspace: &str, agent: &str) -> usize {
+        self.endpoint(workspace, agent)
+            .map(|e| e.live_connections())
+            .unwrap_or(0)
+    }
+
+    /// Aborts every live connection on the agent's endpoint (false: no such agent).
+    pub fn kill_connections(&self, workspace: &str, agent: &str) -> bool {
+        self.endpoint(workspace, agent)
+            .map(|e| e.kill_connections())
+            .is_some()
+    }
+
+    /// Like [`Sim::kill_connections`], with a guaranteed TCP RST.
+    pub fn reset_connections(&self, workspace: &str, agent: &str) -> bool {
+        self.endpoint(workspace, agent)
+            .map(|e| e.reset_connections())
+            .is_some()
+    }
+
+    /// Makes the agent's endpoint accept (or refuse) new connections, as the
+    /// simulator does on its own when builds start and stop.
+    pub fn set_accepting(&self, workspace: &str, agent: &str, yes: bool) -> bool {
+        self.endpoint(workspace, agent)
+            .map(|e| e.set_accepting(yes))
+            .is_some()
+    }
+
+    /// Sets the control-plane status only; the SSH endpoint is untouched.
+    pub fn set_agent_status(&self, ws: &str, agent: &str, s: AgentStatus) {
+        if !self.shared.set_agent_status(ws, agent, s) {
+            log::warn!("coder-sim: set_agent_status: no agent {ws}.{agent}");
+        }
+    }
+
+    pub fn set_agent_lifecycle(&self, ws: &str, agent: &str, l: Lifecycle) {
+        if !self.shared.set_agent_lifecycle(ws, agent, l) {
+            log::warn!("coder-sim: set_agent_lifecycle: no agent {ws}.{agent}");
+        }
+    }
+
+    /// Queues a stop build (even if one is running).
+    pub fn stop_workspace(&self, ws: &str) {
+        if !self
+            .shared
+            .scripted_build(ws, Transition::Stop, "initiator")
+        {
+            log::warn!("coder-sim: stop_workspace: no workspace {ws}");
+        }
+    }
+
+    /// Queues a start build, as autostart does, even if already running.
+    pub fn start_workspace(&self, ws: &str) {
+        if !self
+            .shared
+            .scripted_build(ws, Transition::Start, "autostart")
+        {
+            log::warn!("coder-sim: start_workspace: no workspace {ws}");
+        }
+    }
+
+    /// Queues a delete build; once it succeeds the name lookup is a 404.
+    pub fn delete_workspace(&self, ws: &str) {
+        if !self
+            .shared
+            .scripted_build(ws, Transition::Delete, "initiator")
+        {
+            log::warn!("coder-sim: delete_workspace: no workspace {ws}");
+        }
+    }
+
+    /// Applies to every `/api/v2` request from now on.
+    pub fn set_api_fault(&self, f: ApiFault) {
+        *lock(&self.shared.fault) = f;
+    }
+
+    /// Ends every open watch stream now, abruptly (no final chunk).
+    pub fn cut_watch_streams(&self) {
+        self.shared.cut.send_modify(|n| *n += 1);
+    }
+
+    /// Open watch streams.
+    pub fn watch_subscribers(&self) -> usize {
+        self.shared.watchers.load(Ordering::SeqCst)
+    }
+
+    /// Every request so far, oldest first.
+    pub fn request_log(&self) -> Vec<LoggedRequest> {
+        lock(&self.shared.requests).clone()
+    }
+
+    /// `POST /workspaces/{id}/usage` calls for this workspace.
+    pub fn usage_count(&self, ws: &str) -> usize {
+        let w = lock(&self.shared.world);
+        w.ws_by_name(ws).map(|i| w.workspaces[i].usage).unwrap_or(0)
+    }
+
+    /// The workspace as `GET /workspaces/{id}` renders it (deleted ones too).
+    pub fn workspace_json(&self, ws: &str) -> Option<serde_json::Value> {
+        let w = lock(&self.shared.world);
+        let rendered = w.render_workspace(w.ws_by_name(ws)?)?;
+        serde_json::to_value(rendered).ok()
+    }
+
+    /// The workspace's id.
+    pub fn workspace_id(&self, ws: &str) -> Option<String> {
+        let w = lock(&self.shared.world);
+        w.ws_by_name(ws).map(|i| w.workspaces[i].id.to_string())
+    }
+
+    /// Waits until `f(workspace_json)` holds; false on timeout.
+    pub async fn wait_for<F: Fn(&serde_json::Value) -> bool>(
+        &self,
+        ws: &str,
+        f: F,
+        timeout: Duration,
+    ) -> bool {
+        let mut events = self.shared.events.subscribe();
+        let check = || self.workspace_json(ws).is_some_and(|v| f(&v));
+        let wait = async {
+            loop {
+                if check() {
+                    return;
+                }
+                // Re-check on every event, and now and then regardless.
+                let _ = tokio::time::timeout(Duration::from_millis(200), events.recv()).await;
+            }
+        };
+        tokio::time::timeout(timeout, wait).await.is_ok()
+    }
+}

@@ -1,0 +1,405 @@
+//! Shared checks for the agent-endpoint SSH tests: each drives the real
+//! OpenSSH client (`ssh`, `scp`, `sftp`) straight at an endpoint's port, so
+//! both backends are held to the behaviour coder-proxy relies on.
+
+#![allow(dead_code)] // each test binary uses a subset
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Output, Stdio};
+use std::time::{Duration, Instant};
+
+use coder_sim::endpoint::AgentEndpoint;
+use sha2::{Digest, Sha256};
+use tokio::io::AsyncWriteExt;
+use tokio::process::{Child, Command};
+
+/// Options every client run gets: no user config, no host key prompts, no
+/// passwords, quiet.
+fn common_opts(ep: &AgentEndpoint) -> Vec<String> {
+    let mut v: Vec<String> = [
+        "-F",
+        "/dev/null",
+        "-o",
+        "StrictHostKeyChecking=no",
+        "-o",
+        "UserKnownHostsFile=/dev/null",
+        "-o",
+        "BatchMode=yes",
+        "-o",
+        "LogLevel=ERROR",
+        "-o",
+        "ConnectTimeout=5",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    if let Some(key) = ep.client_key_path() {
+        v.extend([
+            "-i".to_string(),
+            key.display().to_string(),
+            "-o".to_string(),
+            "IdentitiesOnly=yes".to_string(),
+        ]);
+    } else {
+        // Embedded accepts `none`; don't let the client go looking for keys
+        // or agents.
+        v.extend(["-o".to_string(), "IdentityAgent=none".to_string()]);
+    }
+    v
+}
+
+/// `ssh -p PORT [extra] 127.0.0.1 remote` with the given stdin.
+pub fn ssh_cmd(ep: &AgentEndpoint, extra: &[&str], remote: &str, stdin: Stdio) -> Command {
+    let mut c = Command::new("ssh");
+    c.args(common_opts(ep))
+        .arg("-p")
+        .arg(ep.addr().port().to_string())
+        .args(extra)
+        .arg("127.0.0.1")
+        .arg(remote)
+        .stdin(stdin)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    c
+}
+
+pub async fn ssh(ep: &AgentEndpoint, remote: &str) -> Output {
+    ssh_cmd(ep, &[], remote, Stdio::null())
+        .output()
+        .await
+        .expect("run ssh")
+}
+
+pub fn spawn_ssh(ep: &AgentEndpoint, remote: &str, stdin: Stdio) -> Child {
+    ssh_cmd(ep, &[], remote, stdin).spawn().expect("spawn ssh")
+}
+
+pub fn sha256_file(path: &Path) -> String {
+    let mut f = std::fs::File::open(path).expect("open for hashing");
+    let mut h = Sha256::new();
+    std::io::copy(&mut f, &mut h).expect("hash file");
+    hex(&h.finalize())
+}
+
+pub fn sha256(data: &[u8]) -> String {
+    hex(&Sha256::digest(data))
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// A file of `len` random bytes in `dir`.
+pub fn random_file(dir: &Path, name: &str, len: u64) -> PathBuf {
+    use std::io::Read;
+    let path = dir.join(name);
+    let mut out = std::fs::File::create(&path).expect("create");
+    let mut src = std::fs::File::open("/dev/urandom")
+        .expect("urandom")
+        .take(len);
+    std::io::copy(&mut src, &mut out).expect("fill");
+    out.flush().expect("flush");
+    path
+}
+
+/// Temp dir under /tmp, so the "remote" (same machine) sees the same path.
+pub fn tmp() -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix("coder-sim-ssh-test-")
+        .tempdir_in("/tmp")
+        .expect("tempdir")
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+pub async fn wait_live(ep: &AgentEndpoint, n: usize) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while ep.live_connections() != n {
+        assert!(
+            Instant::now() < deadline,
+            "live_connections stuck at {} (want {n})",
+            ep.live_connections()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Waits for a client to exit, failing if it takes longer than `limit`.
+pub async fn exit_within(child: Child, limit: Duration) -> Output {
+    tokio::time::timeout(limit, child.wait_with_output())
+        .await
+        .unwrap_or_else(|_| panic!("ssh still running after {limit:?}"))
+        .expect("wait ssh")
+}
+
+// ---- checks -------------------------------------------------------------
+
+pub async fn check_exec_and_exit_codes(ep: &AgentEndpoint) {
+    let o = ssh(ep, "echo hello").await;
+    assert_eq!(o.status.code(), Some(0), "stderr: {}", stderr(&o));
+    assert_eq!(o.stdout, b"hello\n");
+
+    let o = ssh(ep, "exit 3").await;
+    assert_eq!(o.status.code(), Some(3), "stderr: {}", stderr(&o));
+
+    let o = ssh(ep, "echo out; echo err >&2; exit 7").await;
+    assert_eq!(o.status.code(), Some(7));
+    assert_eq!(o.stdout, b"out\n");
+    assert!(
+        stderr(&o).contains("err\n") && !stderr(&o).contains("out"),
+        "stderr: {:?}",
+        stderr(&o)
+    );
+}
+
+pub async fn check_env(ep: &AgentEndpoint) {
+    let o = ssh_cmd(
+        ep,
+        &["-o", "SetEnv=CODER_SIM_TEST=yes-it-is"],
+        "echo \"$CODER_SIM_TEST\"",
+        Stdio::null(),
+    )
+    .output()
+    .await
+    .expect("ssh");
+    assert_eq!(o.status.code(), Some(0), "stderr: {}", stderr(&o));
+    assert_eq!(o.stdout, b"yes-it-is\n");
+}
+
+/// `ssh host 'wc -c' < file`: the remote sees every byte, then EOF.
+pub async fn check_stdin_eof(ep: &AgentEndpoint, len: u64) {
+    let dir = tmp();
+    let file = random_file(dir.path(), "in", len);
+    let o = ssh_cmd(
+        ep,
+        &[],
+        "wc -c",
+        Stdio::from(std::fs::File::open(&file).expect("open")),
+    )
+    .output()
+    .await
+    .expect("ssh");
+    assert_eq!(o.status.code(), Some(0), "stderr: {}", stderr(&o));
+    assert_eq!(String::from_utf8_lossy(&o.stdout).trim(), len.to_string());
+}
+
+/// Remote file → ssh stdout, checksummed. Returns the elapsed time.
+pub async fn check_download(ep: &AgentEndpoint, len: u64) -> Duration {
+    let dir = tmp();
+    let file = random_file(dir.path(), "src", len);
+    let want = sha256_file(&file);
+    let t = Instant::now();
+    let o = ssh(ep, &format!("cat {}", file.display())).await;
+    let took = t.elapsed();
+    assert_eq!(o.status.code(), Some(0), "stderr: {}", stderr(&o));
+    assert_eq!(o.stdout.len() as u64, len);
+    assert_eq!(sha256(&o.stdout), want);
+    eprintln!(
+        "download {} MiB in {took:?} ({:.0} MiB/s)",
+        len >> 20,
+        (len >> 20) as f64 / took.as_secs_f64()
+    );
+    took
+}
+
+/// ssh stdin → remote file, checksummed.
+pub async fn check_upload(ep: &AgentEndpoint, len: u64) -> Duration {
+    let dir = tmp();
+    let file = random_file(dir.path(), "src", len);
+    let dst = dir.path().join("dst");
+    let t = Instant::now();
+    let o = ssh_cmd(
+        ep,
+        &[],
+        &format!("cat > {}", dst.display()),
+        Stdio::from(std::fs::File::open(&file).expect("open")),
+    )
+    .output()
+    .await
+    .expect("ssh");
+    let took = t.elapsed();
+    assert_eq!(o.status.code(), Some(0), "stderr: {}", stderr(&o));
+    assert_eq!(sha256_file(&dst), sha256_file(&file));
+    eprintln!(
+        "upload {} MiB in {took:?} ({:.0} MiB/s)",
+        len >> 20,
+        (len >> 20) as f64 / took.as_secs_f64()
+    );
+    took
+}
+
+/// `cat` echoing a stream both ways at once: both directions saturated,
+/// which is where flow-control mistakes deadlock.
+pub async fn check_echo(ep: &AgentEndpoint, len: u64) {
+    let dir = tmp();
+    let file = random_file(dir.path(), "src", len);
+    let t = Instant::now();
+    let o = tokio::time::timeout(
+        Duration::from_secs(30),
+        ssh_cmd(
+            ep,
+            &[],
+            "cat",
+            Stdio::from(std::fs::File::open(&file).expect("open")),
+        )
+        .output(),
+    )
+    .await
+    .expect("echo through cat deadlocked")
+    .expect("ssh");
+    assert_eq!(o.status.code(), Some(0), "stderr: {}", stderr(&o));
+    assert_eq!(o.stdout.len() as u64, len);
+    assert_eq!(sha256(&o.stdout), sha256_file(&file));
+    eprintln!("echo {} MiB in {:?}", len >> 20, t.elapsed());
+}
+
+fn scp_sftp_opts(ep: &AgentEndpoint, port_flag: &str) -> Vec<String> {
+    let mut v = common_opts(ep);
+    v.push(port_flag.to_string());
+    v.push(ep.addr().port().to_string());
+    v
+}
+
+pub async fn check_scp(ep: &AgentEndpoint, len: u64) {
+    let dir = tmp();
+    let src = random_file(dir.path(), "src", len);
+    let remote = dir.path().join("uploaded");
+    let back = dir.path().join("downloaded");
+    let want = sha256_file(&src);
+
+    let t = Instant::now();
+    let o = Command::new("scp")
+        .args(scp_sftp_opts(ep, "-P"))
+        .arg(&src)
+        .arg(format!("127.0.0.1:{}", remote.display()))
+        .stdin(Stdio::null())
+        .output()
+        .await
+        .expect("scp up");
+    assert_eq!(o.status.code(), Some(0), "scp up: {}", stderr(&o));
+    assert_eq!(sha256_file(&remote), want);
+    let up = t.elapsed();
+
+    let t = Instant::now();
+    let o = Command::new("scp")
+        .args(scp_sftp_opts(ep, "-P"))
+        .arg(format!("127.0.0.1:{}", remote.display()))
+        .arg(&back)
+        .stdin(Stdio::null())
+        .output()
+        .await
+        .expect("scp down");
+    assert_eq!(o.status.code(), Some(0), "scp down: {}", stderr(&o));
+    assert_eq!(sha256_file(&back), want);
+    eprintln!("scp {} MiB: up {up:?}, down {:?}", len >> 20, t.elapsed());
+}
+
+pub async fn check_sftp_batch(ep: &AgentEndpoint, len: u64) {
+    let dir = tmp();
+    let src = random_file(dir.path(), "src", len);
+    let remote = dir.path().join("put");
+    let back = dir.path().join("got");
+    let batch = dir.path().join("batch");
+    std::fs::write(
+        &batch,
+        format!(
+            "put {} {}\nget {} {}\nls -l {}\n",
+            src.display(),
+            remote.display(),
+            remote.display(),
+            back.display(),
+            remote.display()
+        ),
+    )
+    .expect("batch");
+    let o = Command::new("sftp")
+        .args(scp_sftp_opts(ep, "-P"))
+        .arg("-b")
+        .arg(&batch)
+        .arg("127.0.0.1")
+        .stdin(Stdio::null())
+        .output()
+        .await
+        .expect("sftp");
+    assert_eq!(o.status.code(), Some(0), "sftp: {}", stderr(&o));
+    let want = sha256_file(&src);
+    assert_eq!(sha256_file(&remote), want);
+    assert_eq!(sha256_file(&back), want);
+}
+
+/// The remote command ends while the client's stdin is still open: ssh must
+/// not wait for its stdin.
+pub async fn check_remote_closes_first(ep: &AgentEndpoint) {
+    let mut child = spawn_ssh(ep, "echo bye", Stdio::piped());
+    let stdin = child.stdin.take().expect("stdin");
+    let o = exit_within(child, Duration::from_secs(5)).await;
+    drop(stdin);
+    assert_eq!(o.status.code(), Some(0), "stderr: {}", stderr(&o));
+    assert_eq!(o.stdout, b"bye\n");
+
+    // Same, with the remote reading some input first.
+    let mut child = spawn_ssh(ep, "head -c 5", Stdio::piped());
+    let mut stdin = child.stdin.take().expect("stdin");
+    stdin.write_all(b"12345678").await.expect("write");
+    stdin.flush().await.expect("flush");
+    let o = exit_within(child, Duration::from_secs(5)).await;
+    drop(stdin);
+    assert_eq!(o.status.code(), Some(0), "stderr: {}", stderr(&o));
+    assert_eq!(o.stdout, b"12345");
+}
+
+pub async fn check_kill_and_live_count(ep: &AgentEndpoint) {
+    assert_eq!(ep.live_connections(), 0);
+    let a = spawn_ssh(ep, "sleep 30", Stdio::null());
+    let b = spawn_ssh(ep, "sleep 30", Stdio::null());
+    wait_live(ep, 2).await;
+    // Make sure the sessions are really running before killing them.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let t = Instant::now();
+    ep.kill_connections();
+    assert_eq!(ep.live_connections(), 0);
+    let oa = exit_within(a, Duration::from_secs(5)).await;
+    let ob = exit_within(b, Duration::from_secs(5)).await;
+    assert_eq!(oa.status.code(), Some(255));
+    assert_eq!(ob.status.code(), Some(255));
+    eprintln!("kill_connections: clients gone after {:?}", t.elapsed());
+    wait_live(ep, 0).await;
+
+    // The endpoint still serves new connections afterwards.
+    let o = ssh(ep, "echo again").await;
+    assert_eq!(o.stdout, b"again\n", "stderr: {}", stderr(&o));
+    wait_live(ep, 0).await;
+}
+
+pub async fn check_reset(ep: &AgentEndpoint) {
+    let c = spawn_ssh(ep, "sleep 30", Stdio::null());
+    wait_live(ep, 1).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    ep.reset_connections();
+    let o = exit_within(c, Duration::from_secs(5)).await;
+    assert_eq!(o.status.code(), Some(255));
+    let err = stderr(&o);
+    assert!(
+        err.to_lowercase().contains("reset"),
+        "expected a connection reset, ssh said: {err:?}"
+    );
+    wait_live(ep, 0).await;
+}
+
+pub async fn check_not_accepting(ep: &AgentEndpoint) {
+    ep.set_accepting(false);
+    let t = Instant::now();
+    let o = ssh(ep, "echo nope").await;
+    assert_eq!(o.status.code(), Some(255));
+    assert!(o.stdout.is_empty());
+    assert!(t.elapsed() < Duration::from_secs(5));
+    assert_eq!(ep.live_connections(), 0);
+
+    ep.set_accepting(true);
+    let o = ssh(ep, "echo yes").await;
+    assert_eq!(o.stdout, b"yes\n", "stderr: {}", stderr(&o));
+}

@@ -1,0 +1,512 @@
+//! The coderd REST client: HTTP, auth header, error JSON → typed error.
+//!
+//! Every request has a timeout and a capped body; redirects are followed only
+//! within the deployment's own origin so the session token never travels
+//! elsewhere; transport failures, 5xx and 429 are marked transient so callers
+//! can retry them. The watch stream lives in [`watch`].
+
+pub mod models;
+pub mod sse;
+pub mod watch;
+
+use std::fmt;
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use reqwest::header::{HeaderMap, HeaderName, HeaderValue};
+use reqwest::{Method, StatusCode};
+use serde::de::DeserializeOwned;
+use url::Url;
+
+use crate::settings::Settings;
+use models::*;
+
+/// Largest JSON body we read; real workspaces are a few KiB.
+pub const MAX_BODY: usize = 4 << 20;
+/// Bound on one ordinary request, headers and body.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+/// Bound on TCP + TLS connect.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// The header carrying the session token.
+pub const TOKEN_HEADER: &str = "Coder-Session-Token";
+
+/// Why a call to coderd failed.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ApiError {
+    /// coderd answered with an error status.
+    #[error("{}", status_text(.status, .message, .detail, .validations, .helper))]
+    Status {
+        status: u16,
+        message: String,
+        detail: String,
+        validations: Vec<String>,
+        helper: Option<String>,
+    },
+    /// We could not talk to coderd at all.
+    #[error("cannot reach coderd at {url}: {cause}")]
+    Transport { url: String, cause: String },
+    /// coderd (or something in front of it) answered with a body we cannot use.
+    #[error("unexpected response from coderd ({what}): {cause}")]
+    Body { what: String, cause: String },
+    /// A redirect pointed at another origin; we refuse to follow it with the token.
+    #[error("coderd redirected to another origin ({location}); refusing to send the session token there: set --url or CODER_URL to the deployment's real address")]
+    Redirect { location: String },
+}
+
+fn status_text(
+    status: &u16,
+    message: &str,
+    detail: &str,
+    validations: &[String],
+    helper: &Option<String>,
+) -> String {
+    let mut s = message.to_string();
+    if !validations.is_empty() {
+        s.push_str(&format!(" ({})", validations.join("; ")));
+    }
+    if !detail.is_empty() && helper.is_none() {
+        s.push_str(&format!(": {detail}"));
+    }
+    s.push_str(&format!(" [HTTP {status}]"));
+    if let Some(h) = helper {
+        s.push_str(&format!(". {h}"));
+    }
+    s
+}
+
+impl ApiError {
+    /// Worth retrying: the deployment may come back.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            ApiError::Status { status, .. } => *status >= 500 || *status == 429,
+            ApiError::Transport { .. } => true,
+            // A proxy's HTML error page during an outage looks like this.
+            ApiError::Body { .. } => true,
+            ApiError::Redirect { .. } => false,
+        }
+    }
+    /// The HTTP status, when coderd answered.
+    pub fn status(&self) -> Option<u16> {
+        match self {
+            ApiError::Status { status, .. } => Some(*status),
+            _ => None,
+        }
+    }
+}
+
+/// A coderd client bound to one deployment.
+#[derive(Clone)]
+pub struct Client {
+    http: reqwest::Client,
+    base: Url,
+    timeout: Duration,
+}
+
+impl fmt::Debug for Client {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Client")
+            .field("base", &self.base.as_str())
+            .finish()
+    }
+}
+
+impl Client {
+    /// Build the client: token and extra headers on every request.
+    pub fn new(settings: &Settings) -> anyhow::Result<Client> {
+        let mut headers = HeaderMap::new();
+        for (k, v) in &settings.headers {
+            headers.append(k.clone(), v.clone());
+        }
+        if let Some(token) = &settings.token {
+            let mut v = HeaderValue::from_str(token.expose())
+                .map_err(|_| anyhow::anyhow!("the session token contains characters not allowed in an HTTP header; run 'coder login' again"))?;
+            v.set_sensitive(true);
+            headers.insert(HeaderName::from_static("coder-session-token"), v);
+        }
+        let http = reqwest::Client::builder()
+            .default_headers(headers)
+            .user_agent(concat!("coder-proxy/", env!("CARGO_PKG_VERSION")))
+            .connect_timeout(CONNECT_TIMEOUT)
+            .redirect(same_origin_redirects())
+            .tcp_nodelay(true)
+            .build()
+            .map_err(|e| anyhow::anyhow!("cannot set up the HTTP client: {}", error_chain(&e)))?;
+        Ok(Client {
+            http,
+            base: settings.url.clone(),
+            timeout: REQUEST_TIMEOUT,
+        })
+    }
+
+    /// Override the per-request timeout (tests).
+    pub fn with_timeout(mut self, t: Duration) -> Self {
+        self.timeout = t;
+        self
+    }
+
+    /// The deployment URL.
+    pub fn base(&self) -> &Url {
+        &self.base
+    }
+
+    fn url(&self, path: &str) -> Result<Url, ApiError> {
+        self.base.join(path).map_err(|e| ApiError::Body {
+            what: path.to_string(),
+            cause: format!("cannot build URL: {e}"),
+        })
+    }
+
+    /// Send a request and return (status, body) for a success status.
+    async fn call(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<serde_json::Value>,
+    ) -> Result<(StatusCode, Vec<u8>), ApiError> {
+        let url = self.url(path)?;
+        let what = format!("{method} {}", url.path());
+        log::debug!("{what}");
+        let started = std::time::Instant::now();
+        let fut = async {
+            let mut req = self.http.request(method.clone(), url.clone());
+            if let Some(b) = &body {
+                req = req.json(b);
+            }
+            let resp = req.send().await.map_err(|e| self.transport(&e))?;
+            check_redirect(&resp)?;
+            let status = resp.status();
+            let ctype = content_type(&resp);
+            let bytes = read_capped(resp, MAX_BODY, &what).await?;
+            if status.is_success() {
+                Ok((status, bytes))
+            } else {
+                Err(self.error_from(status, &ctype, &bytes))
+            }
+        };
+        let r = match tokio::time::timeout(self.timeout, fut).await {
+            Ok(r) => r,
+            Err(_) => Err(ApiError::Transport {
+                url: self.base.to_string(),
+                cause: format!("{what} got no answer within {}s", self.timeout.as_secs()),
+            }),
+        };
+        log::debug!(
+            "{what} -> {} in {}ms",
+            match &r {
+                Ok((s, _)) => s.as_u16().to_string(),
+                Err(e) => e
+                    .status()
+                    .map(|s| s.to_string())
+                    .unwrap_or_else(|| "error".into()),
+            },
+            started.elapsed().as_millis()
+        );
+        r
+    }
+
+    async fn get_json<T: DeserializeOwned>(&self, path: &str) -> Result<T, ApiError> {
+        let (_, body) = self.call(Method::GET, path, None).await?;
+        decode(path, &body)
+    }
+
+    fn transport(&self, e: &reqwest::Error) -> ApiError {
+        ApiError::Transport {
+            url: self.base.to_string(),
+            cause: error_chain(e),
+        }
+    }
+
+    fn error_from(&self, status: StatusCode, ctype: &str, body: &[u8]) -> ApiError {
+        let helper = (status == StatusCode::UNAUTHORIZED).then(|| {
+            format!(
+                "Try logging in using 'coder login {}'",
+                self.base.as_str().trim_end_matches('/')
+            )
+        });
+        let code = status.as_u16();
+        if body.is_empty() {
+            return ApiError::Status {
+                status: code,
+                message: format!(
+                    "{} (empty response body)",
+                    status.canonical_reason().unwrap_or("error")
+                ),
+                detail: String::new(),
+                validations: vec![],
+                helper,
+            };
+        }
+        match serde_json::from_slice::<ErrorBody>(body) {
+            Ok(e) if !e.message.is_empty() => ApiError::Status {
+                status: code,
+                message: one_line(&e.message, 300),
+                detail: one_line(&e.detail, 300),
+                validations: e
+                    .validations
+                    .iter()
+                    .map(|v| one_line(&format!("{}: {}", v.field, v.detail), 200))
+                    .collect(),
+                helper,
+            },
+            Ok(_) => ApiError::Status {
+                status: code,
+                message: format!("unexpected status code {code}, response has no message"),
+                detail: String::new(),
+                validations: vec![],
+                helper,
+            },
+            Err(_) => ApiError::Status {
+                status: code,
+                message: format!(
+                    "{} (non-JSON response {:?}: {})",
+                    status.canonical_reason().unwrap_or("error"),
+                    ctype,
+                    one_line(&String::from_utf8_lossy(&body[..body.len().min(200)]), 120)
+                ),
+                detail: String::new(),
+                validations: vec![],
+                helper,
+            },
+        }
+    }
+
+    /// `GET /api/v2/users/{owner}/workspace/{name}`.
+    pub async fn workspace_by_name(&self, owner: &str, name: &str) -> Result<Workspace, ApiError> {
+        self.get_json(&format!(
+            "/api/v2/users/{}/workspace/{}?include_deleted=false",
+            seg(owner),
+            seg(name)
+        ))
+        .await
+    }
+
+    /// `GET /api/v2/workspaces/{id}`.
+    pub async fn workspace(&self, id: &str) -> Result<Workspace, ApiError> {
+        self.get_json(&format!("/api/v2/workspaces/{}", seg(id)))
+            .await
+    }
+
+    /// `GET /api/v2/workspacebuilds/{id}/parameters`.
+    pub async fn build_parameters(&self, build: &str) -> Result<Vec<BuildParameter>, ApiError> {
+        let v: Option<Vec<BuildParameter>> = self
+            .get_json(&format!(
+                "/api/v2/workspacebuilds/{}/parameters",
+                seg(build)
+            ))
+            .await?;
+        Ok(v.unwrap_or_default())
+    }
+
+    /// `POST /api/v2/workspaces/{id}/builds`.
+    pub async fn create_build(
+        &self,
+        ws: &str,
+        req: &CreateBuild,
+    ) -> Result<WorkspaceBuild, ApiError> {
+        let body = serde_json::to_value(req).map_err(|e| ApiError::Body {
+            what: "build request".into(),
+            cause: e.to_string(),
+        })?;
+        let path = format!("/api/v2/workspaces/{}/builds", seg(ws));
+        let (_, bytes) = self.call(Method::POST, &path, Some(body)).await?;
+        decode(&path, &bytes)
+    }
+
+    /// `PUT /api/v2/workspaces/{id}/dormant {"dormant": false}`.
+    pub async fn wake_dormant(&self, ws: &str) -> Result<(), ApiError> {
+        let path = format!("/api/v2/workspaces/{}/dormant", seg(ws));
+        self.call(
+            Method::PUT,
+            &path,
+            Some(serde_json::json!({"dormant": false})),
+        )
+        .await
+        .map(|_| ())
+    }
+
+    /// `GET /api/v2/workspacebuilds/{id}/logs?after=N`.
+    pub async fn build_logs(&self, build: &str, after: i64) -> Result<Vec<BuildLog>, ApiError> {
+        let v: Option<Vec<BuildLog>> = self
+            .get_json(&format!(
+                "/api/v2/workspacebuilds/{}/logs?after={after}",
+                seg(build)
+            ))
+            .await?;
+        Ok(v.unwrap_or_default())
+    }
+
+    /// `GET /api/v2/workspaceagents/{id}/logs?after=N`.
+    pub async fn agent_logs(&self, agent: &str, after: i64) -> Result<Vec<AgentLog>, ApiError> {
+        let v: Option<Vec<AgentLog>> = self
+            .get_json(&format!(
+                "/api/v2/workspaceagents/{}/logs?after={after}",
+                seg(agent)
+            ))
+            .await?;
+        Ok(v.unwrap_or_default())
+    }
+
+    /// `GET /api/v2/workspaceagents/connection`.
+    pub async fn connection_info(&self) -> Result<ConnectionInfo, ApiError> {
+        self.get_json("/api/v2/workspaceagents/connection").await
+    }
+
+    /// `POST /api/v2/workspaces/{id}/usage`.
+    pub async fn post_usage(&self, ws: &str, agent: &str, app: &str) -> Result<(), ApiError> {
+        let path = format!("/api/v2/workspaces/{}/usage", seg(ws));
+        let body = serde_json::json!({"agent_id": agent, "app_name": app});
+        self.call(Method::POST, &path, Some(body)).await.map(|_| ())
+    }
+
+    /// Open `GET /api/v2/workspaces/{id}/watch` and wait for its headers.
+    pub(crate) async fn open_watch(&self, id: &str) -> Result<reqwest::Response, ApiError> {
+        let url = self.url(&format!("/api/v2/workspaces/{}/watch", seg(id)))?;
+        let fut = async {
+            let resp = self
+                .http
+                .get(url)
+                .header("Accept", "text/event-stream")
+                .send()
+                .await
+                .map_err(|e| self.transport(&e))?;
+            check_redirect(&resp)?;
+            let status = resp.status();
+            if status.is_success() {
+                return Ok(resp);
+            }
+            let ctype = content_type(&resp);
+            let bytes = read_capped(resp, MAX_BODY, "watch").await?;
+            Err(self.error_from(status, &ctype, &bytes))
+        };
+        tokio::time::timeout(self.timeout, fut)
+            .await
+            .unwrap_or_else(|_| {
+                Err(ApiError::Transport {
+                    url: self.base.to_string(),
+                    cause: "the watch stream got no answer".into(),
+                })
+            })
+    }
+}
+
+/// Percent-encode one path segment (names are validated, IDs come from coderd).
+fn seg(s: &str) -> String {
+    url::form_urlencoded::byte_serialize(s.as_bytes()).collect()
+}
+
+/// Reject JSON that decoded but is not a workspace (serde is lenient).
+pub fn check_workspace(ws: Workspace) -> Result<Workspace, ApiError> {
+    if ws.id.is_empty() || ws.latest_build.id.is_empty() {
+        return Err(ApiError::Body {
+            what: "workspace".into(),
+            cause:
+                "the JSON is not a workspace (no id or latest_build); is --url a Coder deployment?"
+                    .into(),
+        });
+    }
+    Ok(ws)
+}
+
+fn content_type(resp: &reqwest::Response) -> String {
+    resp.headers()
+        .get(reqwest::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_string()
+}
+
+fn check_redirect(resp: &reqwest::Response) -> Result<(), ApiError> {
+    if resp.status().is_redirection() {
+        let location = resp
+            .headers()
+            .get(reqwest::header::LOCATION)
+            .and_then(|v| v.to_str().ok())
+            .map(|l| one_line(l, 200))
+            .unwrap_or_else(|| "no Location".into());
+        return Err(ApiError::Redirect { location });
+    }
+    Ok(())
+}
+
+fn decode<T: DeserializeOwned>(path: &str, body: &[u8]) -> Result<T, ApiError> {
+    serde_json::from_slice(body).map_err(|e| ApiError::Body {
+        what: path.split('?').next().unwrap_or(path).to_string(),
+        cause: if body.first().is_some_and(|b| *b == b'<') {
+            "got HTML, not JSON (is --url the Coder deployment?)".to_string()
+        } else {
+            format!("invalid JSON: {e}")
+        },
+    })
+}
+
+/// Read a body, refusing more than `cap` bytes without buffering them.
+async fn read_capped(resp: reqwest::Response, cap: usize, what: &str) -> Result<Vec<u8>, ApiError> {
+    if resp.content_length().is_some_and(|n| n as usize > cap) {
+        return Err(ApiError::Body {
+            what: what.to_string(),
+            cause: format!("response body is larger than {} MiB", cap >> 20),
+        });
+    }
+    let mut out = Vec::new();
+    let mut stream = resp.bytes_stream();
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(|e| ApiError::Body {
+            what: what.to_string(),
+            cause: format!("reading the body failed: {}", error_chain(&e)),
+        })?;
+        if out.len() + chunk.len() > cap {
+            return Err(ApiError::Body {
+                what: what.to_string(),
+                cause: format!("response body is larger than {} MiB", cap >> 20),
+            });
+        }
+        out.extend_from_slice(&chunk);
+    }
+    Ok(out)
+}
+
+/// Follow redirects only within the original origin, at most five.
+fn same_origin_redirects() -> reqwest::redirect::Policy {
+    reqwest::redirect::Policy::custom(|attempt| {
+        let same = attempt
+            .previous()
+            .first()
+            .is_some_and(|first| first.origin() == attempt.url().origin());
+        if same && attempt.previous().len() <= 5 {
+            attempt.follow()
+        } else {
+            attempt.stop()
+        }
+    })
+}
+
+/// The innermost useful cause of an error, one line.
+pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = cur {
+        let s = err.to_string();
+        // reqwest's top level repeats the URL; the causes say what happened.
+        if !s.starts_with("error sending request") && !parts.iter().any(|p| p.contains(&s)) {
+            parts.push(s);
+        }
+        cur = err.source();
+    }
+    if parts.is_empty() {
+        parts.push(e.to_string());
+    }
+    one_line(&parts.join(": "), 400)
+}
+
+/// Collapse to one printable line of at most `max` characters.
+pub fn one_line(s: &str, max: usize) -> String {
+    let mut out: String = s
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .take(max)
+        .collect();
+    if s.chars().count() > max {
+        out.push('…');
+    }
+    out.trim().to_string()
+}

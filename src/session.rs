@@ -1,0 +1,267 @@
+//! What runs beside the pump once connected: watch-and-close, the usage
+//! heartbeat, and signal handling.
+//!
+//! The one rule of resilience lives here: the stream is closed only when a
+//! side ends it, the workspace is stopped (or deleted, or a new start build
+//! replaces the one we connected to), or a signal arrives. Agent status,
+//! lifecycle, API errors and watch drops are logged and otherwise ignored.
+
+use std::time::Duration;
+
+use tokio::signal::unix::{signal, SignalKind};
+use tokio::sync::mpsc;
+use tokio::sync::watch::Receiver;
+
+use crate::coderd::models::{Transition, Workspace, WorkspaceStatus};
+use crate::coderd::watch::WatchState;
+use crate::coderd::Client;
+use crate::pipe::{self, End};
+
+/// Usage heartbeat period (as `coder ssh`).
+pub const USAGE_EVERY: Duration = Duration::from_secs(60);
+
+/// Why the session ended.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Closed {
+    /// The agent closed the stream, or OpenSSH closed our stdout.
+    StreamEnded,
+    /// The stream broke (reset, timeout).
+    StreamBroken(String),
+    /// watch-and-close: the workspace went away under us.
+    Workspace(String),
+    /// SIGHUP, SIGTERM or SIGINT.
+    Signal(i32),
+}
+
+impl Closed {
+    /// The process exit code for this end.
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            Closed::StreamEnded | Closed::Workspace(_) => 0,
+            Closed::StreamBroken(_) => 1,
+            Closed::Signal(n) => 128 + n,
+        }
+    }
+}
+
+/// What the session needs from setup.
+pub struct Session {
+    pub client: Client,
+    pub workspace: Workspace,
+    pub agent_id: String,
+    pub usage_app: Option<&'static str>,
+    pub watch: Receiver<WatchState>,
+}
+
+/// Decide whether a snapshot closes a session connected to `build_id`.
+pub fn close_reason(connected_build: &str, ws: &Workspace) -> Option<String> {
+    let b = &ws.latest_build;
+    let name = format!("{}/{}", ws.owner_name, ws.name);
+    if b.status == WorkspaceStatus::Stopped {
+        return Some(format!("workspace {name:?} was stopped"));
+    }
+    if b.status == WorkspaceStatus::Deleted {
+        return Some(format!("workspace {name:?} was deleted"));
+    }
+    if b.id != connected_build && b.transition == Transition::Start {
+        return Some(format!(
+            "a new start build (#{}) of workspace {name:?} replaced the one this session was connected to",
+            b.build_number
+        ));
+    }
+    None
+}
+
+impl Session {
+    /// Pump `stream` until the session closes; returns why.
+    pub async fn run(mut self, stdio: pipe::Stdio, stream: tokio::net::TcpStream) -> Closed {
+        let (tx, mut done) = mpsc::unbounded_channel();
+        let std_stream = match stream.into_std() {
+            Ok(s) => s,
+            Err(e) => return Closed::StreamBroken(format!("cannot take over the stream: {e}")),
+        };
+        if let Err(e) = pipe::start(stdio, std_stream, tx) {
+            return Closed::StreamBroken(format!("cannot start the pump: {e}"));
+        }
+
+        if let Some(app) = self.usage_app {
+            let client = self.client.clone();
+            let ws = self.workspace.id.clone();
+            let agent = self.agent_id.clone();
+            tokio::spawn(async move {
+                let mut every = tokio::time::interval(USAGE_EVERY);
+                loop {
+                    every.tick().await;
+                    match client.post_usage(&ws, &agent, app).await {
+                        Ok(()) => log::debug!("usage heartbeat sent"),
+                        Err(e) => log::debug!("usage heartbeat failed (ignored): {e}"),
+                    }
+                }
+            });
+        }
+
+        let build_id = self.workspace.latest_build.id.clone();
+        let mut sigs = match Signals::new() {
+            Ok(s) => s,
+            Err(e) => {
+                log::warn!("cannot install signal handlers: {e}");
+                Signals::none()
+            }
+        };
+        loop {
+            // Look at the latest snapshot first: one may already be waiting
+            // from the setup phase.
+            {
+                let state = self.watch.borrow_and_update().clone();
+                match state {
+                    WatchState::Snapshot(ws) => {
+                        log::debug!(
+                            "watch: build #{} {} {}, agents {:?}",
+                            ws.latest_build.build_number,
+                            ws.latest_build.transition,
+                            ws.latest_build.status,
+                            ws.latest_build
+                                .agents()
+                                .iter()
+                                .map(|a| format!("{}={}/{}", a.name, a.status, a.lifecycle_state))
+                                .collect::<Vec<_>>()
+                        );
+                        if let Some(reason) = close_reason(&build_id, &ws) {
+                            return Closed::Workspace(reason);
+                        }
+                    }
+                    WatchState::Gone => {
+                        return Closed::Workspace(format!(
+                            "workspace {}/{} was deleted",
+                            self.workspace.owner_name, self.workspace.name
+                        ))
+                    }
+                    WatchState::Down(e) => {
+                        log::info!("watch down ({e}); the session is unaffected")
+                    }
+                    WatchState::Connecting => {}
+                }
+            }
+            tokio::select! {
+                end = done.recv() => {
+                    return match end {
+                        Some(End::RemoteClosed) | Some(End::StdoutClosed) | None => Closed::StreamEnded,
+                        Some(End::RemoteError(e)) => Closed::StreamBroken(format!("the connection to the agent broke: {e}")),
+                    };
+                }
+                changed = self.watch.changed() => {
+                    if changed.is_err() {
+                        // The watcher never ends on its own; keep the stream regardless.
+                        log::warn!("watch task ended; the session continues without watch-and-close");
+                        return wait_without_watch(&mut done, &mut sigs).await;
+                    }
+                }
+                n = sigs.recv() => return Closed::Signal(n),
+            }
+        }
+    }
+}
+
+async fn wait_without_watch(done: &mut mpsc::UnboundedReceiver<End>, sigs: &mut Signals) -> Closed {
+    tokio::select! {
+        end = done.recv() => match end {
+            Some(End::RemoteError(e)) => Closed::StreamBroken(format!("the connection to the agent broke: {e}")),
+            _ => Closed::StreamEnded,
+        },
+        n = sigs.recv() => Closed::Signal(n),
+    }
+}
+
+/// SIGHUP, SIGTERM and SIGINT as one stream.
+pub struct Signals {
+    inner: Option<[tokio::signal::unix::Signal; 3]>,
+}
+
+impl Signals {
+    pub fn new() -> std::io::Result<Signals> {
+        Ok(Signals {
+            inner: Some([
+                signal(SignalKind::hangup())?,
+                signal(SignalKind::terminate())?,
+                signal(SignalKind::interrupt())?,
+            ]),
+        })
+    }
+    fn none() -> Signals {
+        Signals { inner: None }
+    }
+    /// The next signal number.
+    pub async fn recv(&mut self) -> i32 {
+        match &mut self.inner {
+            Some([hup, term, int]) => tokio::select! {
+                _ = hup.recv() => libc::SIGHUP,
+                _ = term.recv() => libc::SIGTERM,
+                _ = int.recv() => libc::SIGINT,
+            },
+            None => std::future::pending().await,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::coderd::models::*;
+
+    fn ws(id: &str, t: Transition, s: WorkspaceStatus, agent: AgentStatus) -> Workspace {
+        Workspace {
+            name: "dev".into(),
+            owner_name: "alice".into(),
+            latest_build: WorkspaceBuild {
+                id: id.into(),
+                build_number: 7,
+                transition: t,
+                status: s,
+                resources: vec![Resource {
+                    agents: vec![Agent {
+                        status: agent,
+                        ..Default::default()
+                    }],
+                    ..Default::default()
+                }],
+                ..Default::default()
+            },
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn only_stop_delete_and_new_start_close() {
+        use AgentStatus as A;
+        use Transition as T;
+        use WorkspaceStatus as S;
+        let keep = [
+            ws("b1", T::Start, S::Running, A::Disconnected),
+            ws("b1", T::Start, S::Running, A::Timeout),
+            ws("b1", T::Start, S::Running, A::Connecting),
+            ws(
+                "b1",
+                T::Start,
+                S::Unknown("x".into()),
+                A::Unknown("y".into()),
+            ),
+            ws("b2", T::Stop, S::Stopping, A::Connected),
+            ws("b2", T::Stop, S::Pending, A::Connected),
+            ws("b2", T::Stop, S::Failed, A::Connected),
+            ws("b2", T::Delete, S::Deleting, A::Connected),
+            ws("b1", T::Start, S::Failed, A::Connected),
+        ];
+        for w in &keep {
+            assert_eq!(close_reason("b1", w), None, "{:?}", w.latest_build);
+        }
+        let close = [
+            ws("b2", T::Stop, S::Stopped, A::Connected),
+            ws("b2", T::Delete, S::Deleted, A::Connected),
+            ws("b2", T::Start, S::Pending, A::Connecting),
+            ws("b2", T::Start, S::Running, A::Connected),
+        ];
+        for w in &close {
+            assert!(close_reason("b1", w).is_some(), "{:?}", w.latest_build);
+        }
+    }
+}

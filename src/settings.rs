@@ -1,0 +1,286 @@
+//! Deployment URL, session token and extra headers.
+//!
+//! Precedence: flags > environment > the Coder CLI's config directory
+//! (`url` and `session` files), exactly as `coder` resolves them, so a
+//! machine that ran `coder login` needs no extra setup. The token is held in
+//! a [`Secret`] that never prints.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context, Result};
+use reqwest::header::{HeaderName, HeaderValue};
+use url::Url;
+
+use crate::cli::Cli;
+
+/// A value that must never be displayed or logged.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(s: String) -> Self {
+        Secret(s)
+    }
+    /// The raw value, for the one place that sends it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret([redacted])")
+    }
+}
+
+/// Everything needed to talk to coderd.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    pub url: Url,
+    pub token: Option<Secret>,
+    pub headers: Vec<(HeaderName, HeaderValue)>,
+    pub config_dir: PathBuf,
+}
+
+/// Bound on `--header-command`.
+pub const HEADER_COMMAND_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The Coder CLI's default config directory for this OS.
+pub fn default_config_dir() -> Option<PathBuf> {
+    let home = std::env::var_os("HOME").map(PathBuf::from);
+    if cfg!(target_os = "macos") {
+        return home.map(|h| h.join("Library/Application Support/coderv2"));
+    }
+    if cfg!(windows) {
+        return std::env::var_os("APPDATA").map(|a| PathBuf::from(a).join("coderv2"));
+    }
+    match std::env::var_os("XDG_CONFIG_HOME") {
+        Some(x) if !x.is_empty() => Some(PathBuf::from(x).join("coderv2")),
+        _ => home.map(|h| h.join(".config/coderv2")),
+    }
+}
+
+/// Read a config file, trimmed; `Ok(None)` when it does not exist.
+fn read_config_file(dir: &Path, name: &str) -> Result<Option<String>> {
+    let path = dir.join(name);
+    match std::fs::read(&path) {
+        Ok(bytes) => {
+            if bytes.len() > 64 * 1024 {
+                bail!(
+                    "{} is larger than 64 KiB; is it the right file?",
+                    path.display()
+                );
+            }
+            let s = String::from_utf8(bytes)
+                .map_err(|_| anyhow!("{} is not UTF-8 text", path.display()))?;
+            Ok(Some(s.trim().to_string()))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(anyhow!("cannot read {}: {}", path.display(), e)),
+    }
+}
+
+/// Validate a deployment URL: absolute http(s) with a host.
+pub fn parse_url(raw: &str) -> Result<Url> {
+    let raw = raw.trim();
+    if raw.is_empty() {
+        bail!("the deployment URL is empty; set --url or CODER_URL, or run 'coder login <url>'");
+    }
+    if !raw.contains("://") {
+        bail!("invalid deployment URL {raw:?}: it has no scheme; use https://{raw}");
+    }
+    let url = Url::parse(raw).map_err(|e| anyhow!("invalid deployment URL {raw:?}: {e}"))?;
+    match url.scheme() {
+        "http" | "https" => {}
+        s => bail!("invalid deployment URL {raw:?}: unsupported scheme {s:?}; use https://"),
+    }
+    if url.host_str().is_none_or(str::is_empty) {
+        bail!("invalid deployment URL {raw:?}: it has no host");
+    }
+    if !url.username().is_empty() || url.password().is_some() {
+        bail!(
+            "invalid deployment URL: credentials in the URL are not supported; use 'coder login'"
+        );
+    }
+    Ok(url)
+}
+
+/// Split `KEY=VALUE` into a header.
+pub fn parse_header(line: &str) -> Result<(HeaderName, HeaderValue)> {
+    let (k, v) = line.split_once('=').ok_or_else(|| {
+        anyhow!(
+            "split header {:?} had less than two parts: use KEY=VALUE",
+            key_only(line)
+        )
+    })?;
+    let name = HeaderName::from_bytes(k.trim().as_bytes())
+        .map_err(|_| anyhow!("invalid header name {:?}", key_only(k)))?;
+    let value = HeaderValue::from_str(v).map_err(|_| {
+        anyhow!(
+            "header {:?} has a value with characters not allowed in HTTP",
+            name.as_str()
+        )
+    })?;
+    Ok((name, value))
+}
+
+/// Show at most the part of a header line before `=`; values may be secret.
+fn key_only(s: &str) -> String {
+    crate::coderd::one_line(s.split('=').next().unwrap_or(""), 60)
+}
+
+impl Settings {
+    /// Resolve everything from flags, environment and config directory.
+    pub async fn resolve(cli: &Cli) -> Result<Settings> {
+        let config_dir = match &cli.global_config {
+            Some(d) => d.clone(),
+            None => default_config_dir().ok_or_else(|| {
+                anyhow!(
+                    "cannot find the Coder config directory: HOME is not set; pass --global-config"
+                )
+            })?,
+        };
+        if config_dir.exists() && !config_dir.is_dir() {
+            bail!(
+                "config directory {} is not a directory",
+                config_dir.display()
+            );
+        }
+        let url_raw = match cli.url.as_deref().filter(|u| !u.trim().is_empty()) {
+            Some(u) => u.to_string(),
+            None => read_config_file(&config_dir, "url")?.filter(|u| !u.is_empty()).ok_or_else(|| {
+                anyhow!("You are not logged in. Try logging in using 'coder login <url>' (or set CODER_URL; looked in {})", config_dir.display())
+            })?,
+        };
+        let url = parse_url(&url_raw)?;
+        let token = match std::env::var("CODER_SESSION_TOKEN") {
+            Ok(t) if !t.trim().is_empty() => Some(t.trim().to_string()),
+            _ => read_config_file(&config_dir, "session")?.filter(|t| !t.is_empty()),
+        }
+        .map(Secret::new);
+
+        let mut headers = Vec::new();
+        for h in cli.header_values().map_err(|e| anyhow!(e))? {
+            headers.push(parse_header(&h)?);
+        }
+        if let Some(cmd) = cli
+            .header_command
+            .as_deref()
+            .filter(|c| !c.trim().is_empty())
+        {
+            headers.extend(run_header_command(cmd, &url).await?);
+        }
+        Ok(Settings {
+            url,
+            token,
+            headers,
+            config_dir,
+        })
+    }
+
+    /// Whether the URL sends the token in clear text to another machine.
+    pub fn is_plaintext_remote(&self) -> bool {
+        if self.url.scheme() != "http" {
+            return false;
+        }
+        match self.url.host() {
+            Some(url::Host::Ipv4(ip)) => !ip.is_loopback(),
+            Some(url::Host::Ipv6(ip)) => !ip.is_loopback(),
+            Some(url::Host::Domain(d)) => d != "localhost" && !d.ends_with(".localhost"),
+            None => true,
+        }
+    }
+}
+
+/// Run `--header-command` once via `sh -c` with `CODER_URL` set.
+async fn run_header_command(cmd: &str, url: &Url) -> Result<Vec<(HeaderName, HeaderValue)>> {
+    let mut command = if cfg!(windows) {
+        let mut c = tokio::process::Command::new("cmd.exe");
+        c.arg("/c").arg(cmd);
+        c
+    } else {
+        let mut c = tokio::process::Command::new("sh");
+        c.arg("-c").arg(cmd);
+        c
+    };
+    command
+        .env("CODER_URL", url.as_str())
+        .env_remove("CODER_SESSION_TOKEN")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    let child = command
+        .spawn()
+        .with_context(|| "failed to run --header-command: cannot start sh".to_string())?;
+    let out = match tokio::time::timeout(HEADER_COMMAND_TIMEOUT, child.wait_with_output()).await {
+        Ok(r) => r.context("failed to run --header-command")?,
+        Err(_) => bail!(
+            "failed to run --header-command: it did not finish within {}s",
+            HEADER_COMMAND_TIMEOUT.as_secs()
+        ),
+    };
+    if !out.status.success() {
+        let err = String::from_utf8_lossy(&out.stderr);
+        let first = err.lines().find(|l| !l.trim().is_empty()).unwrap_or("");
+        bail!(
+            "failed to run --header-command: {}{}",
+            out.status,
+            if first.is_empty() {
+                String::new()
+            } else {
+                format!(": {}", crate::coderd::one_line(first, 200))
+            }
+        );
+    }
+    if out.stdout.len() > 64 * 1024 {
+        bail!("--header-command printed more than 64 KiB");
+    }
+    let text = String::from_utf8(out.stdout)
+        .map_err(|_| anyhow!("--header-command printed non-UTF-8 output"))?;
+    let mut headers = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        let line = line.trim_end_matches('\r');
+        if line.trim().is_empty() {
+            continue;
+        }
+        headers.push(
+            parse_header(line)
+                .with_context(|| format!("--header-command output line {}", i + 1))?,
+        );
+    }
+    Ok(headers)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls() {
+        assert!(parse_url("https://coder.example.com").is_ok());
+        assert!(parse_url("http://127.0.0.1:3000/").is_ok());
+        let e = parse_url("coder.example.com").unwrap_err().to_string();
+        assert!(e.contains("no scheme"), "{e}");
+        let e = parse_url("ftp://x").unwrap_err().to_string();
+        assert!(e.contains("unsupported scheme"), "{e}");
+        assert!(parse_url("http://").is_err());
+        assert!(parse_url("https://u:p@host").is_err());
+        assert!(parse_url("").is_err());
+    }
+
+    #[test]
+    fn headers() {
+        let (k, v) = parse_header("X-Test=a=b").unwrap();
+        assert_eq!(k.as_str(), "x-test");
+        assert_eq!(v.to_str().unwrap(), "a=b");
+        let e = parse_header("NoEquals").unwrap_err().to_string();
+        assert!(e.contains("less than two parts"), "{e}");
+        assert!(parse_header("bad name=1").is_err());
+        let e = parse_header("X=secret\nvalue").unwrap_err().to_string();
+        assert!(!e.contains("secret"), "{e}");
+    }
+}

@@ -225,6 +225,8 @@ mod tests {
     use super::*;
 
     const DONE: &str = "2026-01-01T00:00:00Z";
+    /// Expected outcome: a decision, or a failure containing this text.
+    type Want = Result<Decision, &'static str>;
 
     fn agent(name: &str, status: AgentStatus, life: Lifecycle, blocks: bool) -> Agent {
         Agent {
@@ -312,7 +314,7 @@ mod tests {
             })
         };
         // (transition, status, job, autostart, expected)
-        let rows: Vec<(T, S, J, bool, Result<Decision, &str>)> = vec![
+        let rows: Vec<(T, S, J, bool, Want)> = vec![
             (
                 T::Stop,
                 S::Stopped,
@@ -492,7 +494,7 @@ mod tests {
         use WaitMode as W;
         let wait = Decision::Wait;
         // (status, lifecycle, blocks_login, wait mode, expected)
-        let rows: Vec<(A, L, bool, W, Result<Decision, &str>)> = vec![
+        let rows: Vec<(A, L, bool, W, Want)> = vec![
             (
                 A::Connecting,
                 L::Created,

@@ -408,3 +408,161 @@ async fn stdout_carries_only_ssh_bytes() {
         text(&out.stderr)
     );
 }
+
+/// Start `ssh host 'echo ready; sleep 60'` and wait for `ready`.
+async fn live_session(env: &Env) -> tokio::process::Child {
+    let mut cmd = env.ssh("dev", "dev", "", "dev.coder");
+    cmd.arg("echo ready; sleep 60")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .stdin(Stdio::null());
+    let mut child = cmd.spawn().unwrap();
+    let mut out = child.stdout.take().unwrap();
+    let mut buf = [0u8; 6];
+    tokio::time::timeout(LIMIT, out.read_exact(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(&buf, b"ready\n");
+    child
+}
+
+async fn ends_with_reason(mut child: tokio::process::Child, limit: Duration, reason: &str) {
+    let t = Instant::now();
+    let status = tokio::time::timeout(Duration::from_secs(15), child.wait())
+        .await
+        .expect("ssh still running");
+    assert!(status.is_ok());
+    assert!(
+        t.elapsed() < limit,
+        "ssh ended {:?} after the event",
+        t.elapsed()
+    );
+    let mut err = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .await
+        .unwrap();
+    assert!(err.contains(reason), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn new_start_build_and_delete_close_but_stopping_does_not() {
+    if !have_openssh() {
+        return;
+    }
+    let env = Env::new(vec![WorkspaceSpec::new("dev")
+        .build_time(Duration::from_millis(1500))
+        .linger_after_stop(Duration::from_secs(30))])
+    .await;
+
+    // A new start build replaces ours: closed as soon as coderd reports it.
+    let child = live_session(&env).await;
+    env.sim.start_workspace("dev");
+    ends_with_reason(child, Duration::from_secs(2), "new start build").await;
+    assert!(
+        env.sim
+            .wait_for(
+                "dev",
+                |w| w["latest_build"]["status"] == "running",
+                Duration::from_secs(10)
+            )
+            .await
+    );
+
+    // `stopping` alone keeps the session; `stopped` closes it.
+    let mut child = live_session(&env).await;
+    env.sim.stop_workspace("dev");
+    assert!(
+        env.sim
+            .wait_for(
+                "dev",
+                |w| w["latest_build"]["status"] == "stopping",
+                Duration::from_secs(10)
+            )
+            .await
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "closed while only stopping"
+    );
+    assert!(
+        env.sim
+            .wait_for(
+                "dev",
+                |w| w["latest_build"]["status"] == "stopped",
+                Duration::from_secs(10)
+            )
+            .await
+    );
+    ends_with_reason(child, Duration::from_secs(2), "was stopped").await;
+
+    // Delete (of a running workspace) closes once deleted.
+    env.sim.start_workspace("dev");
+    assert!(
+        env.sim
+            .wait_for(
+                "dev",
+                |w| w["latest_build"]["status"] == "running"
+                    && w["latest_build"]["resources"][0]["agents"][0]["status"] == "connected",
+                Duration::from_secs(10)
+            )
+            .await
+    );
+    let child = live_session(&env).await;
+    env.sim.delete_workspace("dev");
+    let t = Instant::now();
+    ends_with_reason(child, Duration::from_secs(5), "deleted").await;
+    assert!(
+        t.elapsed() >= Duration::from_millis(1000),
+        "closed before the delete finished"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn signals_end_the_proxy_promptly() {
+    let env = Env::new(vec![WorkspaceSpec::new("dev")]).await;
+    for sig in [libc_sig::HUP, libc_sig::TERM, libc_sig::INT] {
+        let mut cmd = env.proxy("dev", "dev", "dev");
+        cmd.stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = cmd.spawn().unwrap();
+        let _stdin = child.stdin.take();
+        let mut out = child.stdout.take().unwrap();
+        let mut buf = [0u8; 8];
+        tokio::time::timeout(LIMIT, out.read_exact(&mut buf))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(&buf, b"SSH-2.0-");
+        let pid = child.id().unwrap().to_string();
+        std::process::Command::new("kill")
+            .arg(format!("-{sig}"))
+            .arg(&pid)
+            .status()
+            .unwrap();
+        let t = Instant::now();
+        let status = tokio::time::timeout(Duration::from_secs(5), child.wait())
+            .await
+            .expect("still running")
+            .unwrap();
+        assert!(
+            t.elapsed() < Duration::from_secs(1),
+            "took {:?}",
+            t.elapsed()
+        );
+        assert_eq!(status.code(), Some(128 + sig), "signal {sig}");
+    }
+}
+
+/// Signal numbers (Linux) without a libc dependency in tests.
+mod libc_sig {
+    pub const HUP: i32 = 1;
+    pub const INT: i32 = 2;
+    pub const TERM: i32 = 15;
+}

@@ -53,7 +53,12 @@ pub fn write_coder_config(dir: &Path, url: &str, token: &str) -> anyhow::Result<
 }
 
 fn say(msg: impl AsRef<str>) {
-    eprintln!("\x1b[1m==> {}\x1b[0m", msg.as_ref());
+    use std::io::IsTerminal as _;
+    if std::io::stderr().is_terminal() {
+        eprintln!("\x1b[1m==> {}\x1b[0m", msg.as_ref());
+    } else {
+        eprintln!("==> {}", msg.as_ref());
+    }
 }
 
 /// Quotes a path for an ssh_config line if it needs it.

@@ -208,14 +208,11 @@ fn end_conn(conn: Conn, reset: bool) {
         // shutdown() here: that would send a FIN first, and the client would
         // see a clean EOF instead of ECONNRESET.
         set_linger_zero(&conn.sock);
-    } else {
-        // FIN right now, even if a process holding the socket takes a moment
-        // to die.
-        // SAFETY: shutdown(2) on a descriptor we own.
-        unsafe { libc::shutdown(conn.sock.as_raw_fd(), libc::SHUT_RDWR) };
     }
     match conn.sshd_pid {
-        // The waiter task reaps sshd once it is dead; leave it running.
+        // Kill before touching the socket: an sshd that sees EOF exits at
+        // once, its session processes get reparented to init, and the tree
+        // walk would no longer find them. The waiter task reaps sshd.
         Some(pid) => kill_tree(pid),
         // Dropping the pump closes the socket; the embedded session sees EOF
         // and kills the processes it started.
@@ -224,6 +221,11 @@ fn end_conn(conn: Conn, reset: bool) {
                 task.abort();
             }
         }
+    }
+    if !reset {
+        // FIN right now, whoever else still holds the socket.
+        // SAFETY: shutdown(2) on a descriptor we own.
+        unsafe { libc::shutdown(conn.sock.as_raw_fd(), libc::SHUT_RDWR) };
     }
     drop(conn.sock);
 }

@@ -24,7 +24,8 @@ use crate::state::{lock, Shared, World};
 #[derive(Clone)]
 pub struct Sim {
     shared: Arc<Shared>,
-    server: Arc<Mutex<Option<tokio::task::JoinHandle<()>>>>,
+    /// Tells the HTTP server to stop accepting and close idle connections.
+    stop: Arc<tokio::sync::Notify>,
 }
 
 fn random_token() -> String {
@@ -81,23 +82,24 @@ impl Sim {
         });
         lock(&shared.world).user_id("alice");
         let app = crate::api::router(shared.clone());
-        let server = tokio::spawn(async move {
-            if let Err(e) = axum::serve(listener, app).await {
+        let stop = Arc::new(tokio::sync::Notify::new());
+        let stopped = stop.clone();
+        tokio::spawn(async move {
+            let serve = axum::serve(listener, app)
+                .with_graceful_shutdown(async move { stopped.notified().await });
+            if let Err(e) = serve.await {
                 log::error!("coder-sim: server stopped: {e}");
             }
         });
-        Ok(Sim {
-            shared,
-            server: Arc::new(Mutex::new(Some(server))),
-        })
+        Ok(Sim { shared, stop })
     }
 
-    /// Stops accepting API connections, ends watch streams, stops every
-    /// timer and every agent endpoint (killing their connections).
+    /// Stops accepting API connections (idle keep-alive connections close,
+    /// hung requests stay hung), ends watch streams, stops every timer and
+    /// every agent endpoint (killing their connections).
     pub fn shutdown(&self) {
-        if let Some(server) = lock(&self.server).take() {
-            server.abort();
-        }
+        // A stored permit: works even before the server task first polls.
+        self.stop.notify_one();
         self.cut_watch_streams();
         for t in lock(&self.shared.tasks).drain(..) {
             t.abort();

@@ -74,6 +74,7 @@ async fn kill_connections_and_live_count() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reset_connections_sends_rst() {
     let ep = endpoint().await;
+    check_reset_raw(&ep).await;
     check_reset(&ep).await;
 }
 

@@ -92,6 +92,7 @@ async fn kill_connections_and_live_count() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reset_connections_sends_rst() {
     let Some(ep) = endpoint().await else { return };
+    check_reset_raw(&ep).await;
     check_reset(&ep).await;
 }
 
@@ -142,6 +143,11 @@ async fn kill_leaves_no_processes() {
     wait_live(&ep, 1).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert!(pgrep(&marker), "session process not found");
+    let ps = std::process::Command::new("ps")
+        .args(["-eo", "pid,ppid,pgid,sid,stat,cmd", "--forest"])
+        .output()
+        .unwrap();
+    eprintln!("{}", String::from_utf8_lossy(&ps.stdout));
     ep.kill_connections();
     exit_within(c, Duration::from_secs(5)).await;
     let deadline = std::time::Instant::now() + Duration::from_secs(3);

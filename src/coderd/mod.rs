@@ -487,7 +487,10 @@ pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
     while let Some(err) = cur {
         let s = err.to_string();
         // reqwest's top level repeats the URL; the causes say what happened.
-        if !s.starts_with("error sending request") && !parts.iter().any(|p| p.contains(&s)) {
+        if !s.starts_with("error sending request")
+            && !s.starts_with("client error (")
+            && !parts.iter().any(|p| p.contains(&s))
+        {
             parts.push(s);
         }
         cur = err.source();

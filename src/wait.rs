@@ -26,7 +26,7 @@ const POLL_HEALTHY: Duration = Duration::from_secs(5);
 const POLL_FAST: Duration = Duration::from_secs(1);
 /// Backoff bounds for retries against coderd and the agent.
 const RETRY_MIN: Duration = Duration::from_millis(250);
-const RETRY_MAX: Duration = Duration::from_secs(8);
+const RETRY_MAX: Duration = Duration::from_secs(4);
 
 /// Everything the wait needs.
 pub struct Waiter<'a> {

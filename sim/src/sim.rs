@@ -28,6 +28,15 @@ pub struct Sim {
     stop: Arc<tokio::sync::Notify>,
 }
 
+impl std::fmt::Debug for Sim {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Sim")
+            .field("url", &self.shared.url)
+            .field("owner", &self.shared.owner)
+            .finish_non_exhaustive()
+    }
+}
+
 fn random_token() -> String {
     let mut rng = rand::thread_rng();
     let id: String = (&mut rng)

@@ -504,6 +504,12 @@ impl World {
         }
         let ws = self.ws_by_id(ws_id)?;
         if failed {
+            if latest {
+                // Whatever ran before is gone; nothing answers until a start succeeds.
+                for ep in self.workspaces[ws].endpoints.values() {
+                    ep.set_accepting(false);
+                }
+            }
             self.build_log(
                 build,
                 "Starting workspace",
@@ -1057,7 +1063,7 @@ impl Shared {
     ) -> bool {
         let queued = {
             let mut w = lock(&self.world);
-            let Some(i) = w.ws_by_name(ws) else {
+            let Some(i) = w.ws_by_name(ws).filter(|&i| !w.workspaces[i].deleted) else {
                 return false;
             };
             let (version, params) = match w.latest(i) {
@@ -1119,7 +1125,11 @@ impl Shared {
             {
                 return Err(Refusal::new(409, "Workspace is already running."));
             }
-            let version = req.template_version_id.unwrap_or(latest.version);
+            // Go clients send the zero UUID for "not specified".
+            let version = req
+                .template_version_id
+                .filter(|v| !v.is_nil())
+                .unwrap_or(latest.version);
             if version != w.active_version && version != w.old_version {
                 return Err(Refusal::new(400, "Template version not found.")
                     .detail(format!("no template version {version}")));

@@ -134,14 +134,8 @@ impl Client {
         Ok(Client {
             http,
             base: settings.url.clone(),
-            timeout: REQUEST_TIMEOUT,
+            timeout: request_timeout(),
         })
-    }
-
-    /// Override the per-request timeout (tests).
-    pub fn with_timeout(mut self, t: Duration) -> Self {
-        self.timeout = t;
-        self
     }
 
     /// The deployment URL.
@@ -387,6 +381,16 @@ impl Client {
                 })
             })
     }
+}
+
+/// [`REQUEST_TIMEOUT`], or `CODER_PROXY_HTTP_TIMEOUT` (a duration such as
+/// `2s`) so tests of hanging servers need not wait 30 s.
+fn request_timeout() -> Duration {
+    std::env::var("CODER_PROXY_HTTP_TIMEOUT")
+        .ok()
+        .and_then(|v| crate::cli::parse_duration(&v).ok())
+        .filter(|d| !d.is_zero())
+        .unwrap_or(REQUEST_TIMEOUT)
 }
 
 /// Percent-encode one path segment (names are validated, IDs come from coderd).

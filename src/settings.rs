@@ -47,6 +47,8 @@ pub struct Settings {
 
 /// Bound on `--header-command`.
 pub const HEADER_COMMAND_TIMEOUT: Duration = Duration::from_secs(10);
+/// Most `--header-command` output we accept.
+pub const HEADER_OUTPUT_MAX: usize = 64 << 10;
 
 /// The Coder CLI's default config directory for this OS.
 pub fn default_config_dir() -> Option<PathBuf> {
@@ -66,6 +68,13 @@ pub fn default_config_dir() -> Option<PathBuf> {
 /// Read a config file, trimmed; `Ok(None)` when it does not exist.
 fn read_config_file(dir: &Path, name: &str) -> Result<Option<String>> {
     let path = dir.join(name);
+    // A FIFO or device would block the read (and a directory fails with a
+    // confusing OS error): only a regular file is a config file.
+    match std::fs::metadata(&path) {
+        Ok(m) if m.is_dir() => bail!("cannot read {}: it is a directory", path.display()),
+        Ok(m) if !m.is_file() => bail!("cannot read {}: it is not a regular file", path.display()),
+        _ => {}
+    }
     match std::fs::read(&path) {
         Ok(bytes) => {
             if bytes.len() > 64 * 1024 {
@@ -213,22 +222,37 @@ async fn run_header_command(cmd: &str, url: &Url) -> Result<Vec<(HeaderName, Hea
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .kill_on_drop(true);
-    let child = command
+    let mut child = command
         .spawn()
         .with_context(|| "failed to run --header-command: cannot start sh".to_string())?;
-    let out = match tokio::time::timeout(HEADER_COMMAND_TIMEOUT, child.wait_with_output()).await {
-        Ok(r) => r.context("failed to run --header-command")?,
+    let (Some(stdout), Some(stderr)) = (child.stdout.take(), child.stderr.take()) else {
+        bail!("failed to run --header-command: its output pipes are missing");
+    };
+    // Read the pipes with a cap: a command that prints without end must
+    // fail at once, not fill memory until the timeout. Dropping `child` on
+    // any early return kills it.
+    let finished = tokio::time::timeout(HEADER_COMMAND_TIMEOUT, async {
+        let (out, err) = tokio::try_join!(
+            read_capped_pipe(stdout, HEADER_OUTPUT_MAX),
+            first_bytes(stderr, 4096),
+        )?;
+        let status = child.wait().await.context("failed to run --header-command")?;
+        Ok::<_, anyhow::Error>((status, out, err))
+    })
+    .await;
+    let (status, stdout, stderr) = match finished {
+        Ok(r) => r?,
         Err(_) => bail!(
             "failed to run --header-command: it did not finish within {}s",
             HEADER_COMMAND_TIMEOUT.as_secs()
         ),
     };
-    if !out.status.success() {
-        let err = String::from_utf8_lossy(&out.stderr);
+    if !status.success() {
+        let err = String::from_utf8_lossy(&stderr);
         let first = err.lines().find(|l| !l.trim().is_empty()).unwrap_or("");
         bail!(
             "failed to run --header-command: {}{}",
-            out.status,
+            status,
             if first.is_empty() {
                 String::new()
             } else {
@@ -236,9 +260,11 @@ async fn run_header_command(cmd: &str, url: &Url) -> Result<Vec<(HeaderName, Hea
             }
         );
     }
-    if out.stdout.len() > 64 * 1024 {
-        bail!("--header-command printed more than 64 KiB");
-    }
+    let out = std::process::Output {
+        status,
+        stdout,
+        stderr,
+    };
     let text = String::from_utf8(out.stdout)
         .map_err(|_| anyhow!("--header-command printed non-UTF-8 output"))?;
     let mut headers = Vec::new();
@@ -253,6 +279,39 @@ async fn run_header_command(cmd: &str, url: &Url) -> Result<Vec<(HeaderName, Hea
         );
     }
     Ok(headers)
+}
+
+/// All of a pipe, or an error as soon as it passes `max` bytes.
+async fn read_capped_pipe(r: impl tokio::io::AsyncRead + Unpin, max: usize) -> Result<Vec<u8>> {
+    use tokio::io::AsyncReadExt;
+    let mut buf = Vec::new();
+    r.take(max as u64 + 1)
+        .read_to_end(&mut buf)
+        .await
+        .context("failed to run --header-command: reading its output")?;
+    if buf.len() > max {
+        bail!(
+            "--header-command printed more than {} KiB; it should print a few KEY=VALUE lines",
+            max >> 10
+        );
+    }
+    Ok(buf)
+}
+
+/// The first `keep` bytes of a pipe, draining (and dropping) the rest.
+async fn first_bytes(mut r: impl tokio::io::AsyncRead + Unpin, keep: usize) -> Result<Vec<u8>> {
+    use tokio::io::AsyncReadExt;
+    let mut kept = Vec::new();
+    let mut buf = [0u8; 8192];
+    loop {
+        match r.read(&mut buf).await {
+            Ok(0) | Err(_) => return Ok(kept),
+            Ok(n) => {
+                let room = keep.saturating_sub(kept.len());
+                kept.extend_from_slice(&buf[..n.min(room)]);
+            }
+        }
+    }
 }
 
 #[cfg(test)]

@@ -85,6 +85,8 @@ impl Waiter<'_> {
         let mut waited_scripts = false;
         let mut dial_backoff = RETRY_MIN;
         let mut last_dial_error: Option<String> = None;
+        // When the current run of failed dials began.
+        let mut dialing_since: Option<Instant> = None;
 
         loop {
             let policy = Policy {
@@ -155,6 +157,9 @@ impl Waiter<'_> {
                             return Err(e);
                         }
                         Err(e) => {
+                            // coderd says the agent is connected but its SSH
+                            // server does not answer yet: retry while that
+                            // holds, within the wait timeout.
                             let msg = format!("{e:#}");
                             if last_dial_error.as_deref() != Some(msg.as_str()) {
                                 progress.line(&format!(
@@ -162,55 +167,49 @@ impl Waiter<'_> {
                                 ));
                             }
                             last_dial_error = Some(msg);
+                            let since = *dialing_since.get_or_insert_with(Instant::now);
+                            if self.timeout.is_some_and(|t| since.elapsed() >= t) {
+                                progress.finish_stage(false);
+                                bail!(
+                                    "timed out after {} waiting for the agent's SSH server to accept connections (last error: {}); check --tunnel and the agent",
+                                    fmt_duration(since.elapsed()),
+                                    last_dial_error.as_deref().unwrap_or("")
+                                );
+                            }
                             tokio::time::sleep(dial_backoff).await;
                             dial_backoff = (dial_backoff * 2).min(Duration::from_secs(2));
                             if let Ok(fresh) = self.refetch(&ws).await {
                                 ws = fresh;
                             }
-                            Stage::Unknown("dial".into())
+                            continue;
                         }
                     }
                 }
                 Decision::Wait(s) => s,
             };
+            dialing_since = None;
 
             // Waiting: announce the stage once.
-            let dialing = matches!(&wait_stage, Stage::Unknown(s) if s == "dial");
             if stage.as_ref() != Some(&wait_stage) {
                 stage_started = Instant::now();
                 next_still = Instant::now() + STILL_WAITING_EVERY;
-                if !dialing {
-                    self.announce(&mut progress, &wait_stage, &ws);
-                }
+                self.announce(&mut progress, &wait_stage, &ws);
                 if wait_stage == Stage::Scripts {
                     waited_scripts = true;
                 }
                 stage = Some(wait_stage.clone());
             }
-            let what = if dialing {
-                "the agent's SSH server to accept connections".to_string()
-            } else {
-                wait_stage.describe()
-            };
+            let what = wait_stage.describe();
             if let Some(limit) = self.timeout {
                 if stage_started.elapsed() >= limit {
                     progress.finish_stage(false);
-                    let extra = last_dial_error
-                        .as_deref()
-                        .filter(|_| dialing)
-                        .map(|e| format!(" (last error: {e})"))
-                        .unwrap_or_default();
                     bail!(
-                        "timed out after {} waiting for {what}{extra}; {}",
+                        "timed out after {} waiting for {what}; {}",
                         fmt_duration(limit),
                         timeout_hint(&wait_stage, &ws)
                     );
                 }
             }
-            if dialing {
-                continue;
-            }
-
             // Logs for the stages that have them.
             match &wait_stage {
                 Stage::Build { .. } => {

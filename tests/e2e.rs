@@ -566,3 +566,122 @@ mod libc_sig {
     pub const INT: i32 = 2;
     pub const TERM: i32 = 15;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn real_sshd_behind_the_agent() {
+    if !have_openssh() {
+        return;
+    }
+    if !std::path::Path::new("/usr/sbin/sshd").exists() {
+        if std::env::var("CODER_PROXY_REQUIRE_OPENSSH").as_deref() == Ok("1") {
+            panic!("sshd is required but missing: apt-get install openssh-server");
+        }
+        eprintln!("SKIPPED: /usr/sbin/sshd not found");
+        return;
+    }
+    let opts = coder_sim::SimOptions {
+        ssh: coder_sim::SshBackend::OpenSsh,
+        ..Default::default()
+    };
+    let env = Env::with_options(opts, vec![WorkspaceSpec::new("dev")]).await;
+    let data = vec![7u8; 5 * 1024 * 1024];
+    let mut cmd = env.ssh("dev", "dev", "", "dev.coder");
+    cmd.arg("wc -c; exit 3");
+    let out = run(cmd, Some(&data), LIMIT).await;
+    assert_eq!(out.status.code(), Some(3), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout).trim(), data.len().to_string());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auto_tunnel_without_coder_connect_names_the_alternative() {
+    let env = Env::new(vec![WorkspaceSpec::new("dev")]).await;
+    let mut c = tokio::process::Command::new(PROXY);
+    c.arg("--global-config")
+        .arg(env.config_dir())
+        .arg("dev.coder");
+    let out = run(c, Some(b""), LIMIT).await;
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(out.stdout.is_empty());
+    assert!(
+        err.contains("Coder Connect is not running") && err.contains("--tunnel tcp://"),
+        "{err}"
+    );
+    assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dial_is_retried_while_the_agent_is_connected() {
+    let env = Env::new(vec![WorkspaceSpec::new("dev")]).await;
+    let agent = env.sim.agent_addr("dev", "dev").unwrap();
+    // A port nobody listens on yet.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let tunnel = format!("tcp://127.0.0.1:{port}");
+    let mut c = tokio::process::Command::new(PROXY);
+    c.arg("--global-config")
+        .arg(env.config_dir())
+        .args(["--tunnel", &tunnel, "dev"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    let mut child = c.spawn().unwrap();
+    let _stdin = child.stdin.take();
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    // Now the "agent" starts listening: forward to the real endpoint.
+    let l = tokio::net::TcpListener::bind(("127.0.0.1", port))
+        .await
+        .unwrap();
+    tokio::spawn(async move {
+        let (mut a, _) = l.accept().await.unwrap();
+        let mut b = tokio::net::TcpStream::connect(agent).await.unwrap();
+        let _ = tokio::io::copy_bidirectional(&mut a, &mut b).await;
+    });
+    let mut out = child.stdout.take().unwrap();
+    let mut banner = [0u8; 8];
+    tokio::time::timeout(LIMIT, out.read_exact(&mut banner))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(&banner, b"SSH-2.0-");
+    child.kill().await.unwrap();
+    let mut err = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .await
+        .unwrap();
+    assert!(
+        err.contains("retrying while the agent is connected"),
+        "{err}"
+    );
+    assert_eq!(
+        err.matches("cannot reach the agent's SSH server").count(),
+        1,
+        "{err}"
+    );
+
+    // Nobody ever listens: bounded by --wait-timeout with the last error.
+    let mut c = tokio::process::Command::new(PROXY);
+    c.arg("--global-config").arg(env.config_dir()).args([
+        "--tunnel",
+        "tcp://127.0.0.1:9",
+        "--wait-timeout=2s",
+        "dev",
+    ]);
+    let out = run(c, Some(b""), LIMIT).await;
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(out.stdout.is_empty());
+    let last = err.trim_end().lines().last().unwrap_or("");
+    assert!(
+        last.contains("timed out") && last.contains("refused"),
+        "{err}"
+    );
+}

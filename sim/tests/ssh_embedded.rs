@@ -122,7 +122,7 @@ async fn relative_paths_use_work_dir() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn drop_kills_sessions() {
     let ep = endpoint().await;
-    let c = spawn_ssh(&ep, "sleep 30", Stdio::null());
+    let c = spawn_sleeper(&ep).await;
     wait_live(&ep, 1).await;
     drop(ep);
     let o = exit_within(c, Duration::from_secs(5)).await;
@@ -137,4 +137,12 @@ async fn big_256mib_transfers() {
     check_download(&ep, 256 << 20).await;
     check_upload(&ep, 256 << 20).await;
     check_scp(&ep, 256 << 20).await;
+}
+
+/// Beyond 1 GiB each way (russh rekeys at 1 GiB); run with `--ignored`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore]
+async fn gib_transfers_survive_rekey() {
+    let ep = endpoint().await;
+    check_gib_both_ways(&ep, 1200 << 20).await;
 }

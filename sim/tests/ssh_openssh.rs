@@ -139,15 +139,16 @@ async fn wrong_key_is_refused() {
 async fn kill_leaves_no_processes() {
     let Some(ep) = endpoint().await else { return };
     let marker = format!("sleep 31.{}", std::process::id());
-    let c = spawn_ssh(&ep, &marker, Stdio::null());
+    let c = spawn_ssh(&ep, &format!("echo ready; exec {marker}"), Stdio::null());
     wait_live(&ep, 1).await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    assert!(pgrep(&marker), "session process not found");
-    let ps = std::process::Command::new("ps")
-        .args(["-eo", "pid,ppid,pgid,sid,stat,cmd", "--forest"])
-        .output()
-        .unwrap();
-    eprintln!("{}", String::from_utf8_lossy(&ps.stdout));
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !pgrep(&marker) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "session process not found"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     ep.kill_connections();
     exit_within(c, Duration::from_secs(5)).await;
     let deadline = std::time::Instant::now() + Duration::from_secs(3);

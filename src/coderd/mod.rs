@@ -2,8 +2,12 @@
 //!
 //! Every request has a timeout and a capped body; redirects are followed only
 //! within the deployment's own origin so the session token never travels
-//! elsewhere; transport failures, 5xx and 429 are marked transient so callers
-//! can retry them. The watch stream lives in [`watch`].
+//! elsewhere; transport failures, cut-off bodies, 5xx and 429 are marked
+//! transient so callers can retry them, while answers that will not change on
+//! a retry (4xx, an untrusted certificate, a body that is not the JSON we
+//! asked for) fail at once. Text a server sends back is scrubbed of the
+//! session token before it reaches a message. The watch stream lives in
+//! [`watch`].
 
 pub mod models;
 pub mod sse;
@@ -23,6 +27,8 @@ use models::*;
 
 /// Largest JSON body we read; real workspaces are a few KiB.
 pub const MAX_BODY: usize = 4 << 20;
+/// How much of an error body we read; the rest is dropped unread.
+pub const MAX_ERROR_BODY: usize = 64 << 10;
 /// Bound on one ordinary request, headers and body.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 /// Bound on TCP + TLS connect.
@@ -45,6 +51,12 @@ pub enum ApiError {
     /// We could not talk to coderd at all.
     #[error("cannot reach coderd at {url}: {cause}")]
     Transport { url: String, cause: String },
+    /// TLS failed on the server's certificate; retrying cannot fix that.
+    #[error("cannot reach coderd at {url}: {cause}; if the deployment uses a private CA, add it to the system trust store or point SSL_CERT_FILE at it")]
+    Certificate { url: String, cause: String },
+    /// The connection broke while the body was being read.
+    #[error("the answer from coderd was cut off ({what}): {cause}")]
+    Truncated { what: String, cause: String },
     /// coderd (or something in front of it) answered with a body we cannot use.
     #[error("unexpected response from coderd ({what}): {cause}")]
     Body { what: String, cause: String },
@@ -76,13 +88,20 @@ fn status_text(
 
 impl ApiError {
     /// Worth retrying: the deployment may come back.
+    ///
+    /// A proxy's error page during an outage comes with a 5xx status and is
+    /// transient like any 5xx. A *successful* status with a body that is not
+    /// the JSON we asked for (a login portal's HTML, a non-Coder server's
+    /// JSON, more than [`MAX_BODY`]) will say the same on every retry, so
+    /// [`ApiError::Body`] fails at once; a body cut off mid-read is a network
+    /// problem and [`ApiError::Truncated`] is retried.
     pub fn is_transient(&self) -> bool {
         match self {
             ApiError::Status { status, .. } => *status >= 500 || *status == 429,
-            ApiError::Transport { .. } => true,
-            // A proxy's HTML error page during an outage looks like this.
-            ApiError::Body { .. } => true,
-            ApiError::Redirect { .. } => false,
+            ApiError::Transport { .. } | ApiError::Truncated { .. } => true,
+            ApiError::Certificate { .. } | ApiError::Body { .. } | ApiError::Redirect { .. } => {
+                false
+            }
         }
     }
     /// The HTTP status, when coderd answered.
@@ -100,6 +119,8 @@ pub struct Client {
     http: reqwest::Client,
     base: Url,
     timeout: Duration,
+    /// The session token, to scrub from text the server sends back.
+    scrub: Option<crate::settings::Secret>,
 }
 
 impl fmt::Debug for Client {
@@ -135,6 +156,7 @@ impl Client {
             http,
             base: settings.url.clone(),
             timeout: request_timeout(),
+            scrub: settings.token.clone().filter(|t| t.expose().len() >= 4),
         })
     }
 
@@ -167,14 +189,14 @@ impl Client {
                 req = req.json(b);
             }
             let resp = req.send().await.map_err(|e| self.transport(&e))?;
-            check_redirect(&resp)?;
+            self.check_redirect(&resp)?;
             let status = resp.status();
-            let ctype = content_type(&resp);
-            let bytes = read_capped(resp, MAX_BODY, &what).await?;
             if status.is_success() {
-                Ok((status, bytes))
+                Ok((status, read_capped(resp, MAX_BODY, &what).await?))
             } else {
-                Err(self.error_from(status, &ctype, &bytes))
+                let ctype = content_type(&resp);
+                let bytes = read_prefix(resp, MAX_ERROR_BODY).await;
+                Err(self.error_from(&what, status, &ctype, &bytes))
             }
         };
         let r = match tokio::time::timeout(self.timeout, fut).await {
@@ -200,17 +222,63 @@ impl Client {
 
     async fn get_json<T: DeserializeOwned>(&self, path: &str) -> Result<T, ApiError> {
         let (_, body) = self.call(Method::GET, path, None).await?;
-        decode(path, &body)
+        self.decode(&format!("GET {}", strip_query(path)), &body)
     }
 
     fn transport(&self, e: &reqwest::Error) -> ApiError {
+        let cause = self.scrubbed(&error_chain(e), 400);
+        // rustls names every certificate failure ("invalid peer certificate:
+        // UnknownIssuer", "peer sent no certificates", "received fatal alert:
+        // BadCertificate"); its error type is not reachable through reqwest.
+        if cause.to_ascii_lowercase().contains("certificate") {
+            return ApiError::Certificate {
+                url: self.base.to_string(),
+                cause,
+            };
+        }
         ApiError::Transport {
             url: self.base.to_string(),
-            cause: error_chain(e),
+            cause,
         }
     }
 
-    fn error_from(&self, status: StatusCode, ctype: &str, body: &[u8]) -> ApiError {
+    /// `s` without the session token, as one line of at most `max` chars.
+    fn scrubbed(&self, s: &str, max: usize) -> String {
+        match &self.scrub {
+            Some(t) if s.contains(t.expose()) => {
+                one_line(&s.replace(t.expose(), "[REDACTED]"), max)
+            }
+            _ => one_line(s, max),
+        }
+    }
+
+    /// Decode a successful body, or say plainly what came instead.
+    fn decode<T: DeserializeOwned>(&self, what: &str, body: &[u8]) -> Result<T, ApiError> {
+        serde_json::from_slice(body).map_err(|e| ApiError::Body {
+            what: what.to_string(),
+            cause: if body.trim_ascii_start().first() == Some(&b'<') {
+                "got HTML, not JSON (is --url the Coder deployment?)".to_string()
+            } else if body.trim_ascii().is_empty() {
+                "got an empty body, not JSON (is --url the Coder deployment?)".to_string()
+            } else if e.is_data() {
+                format!(
+                    "the JSON is not shaped as expected ({}); is --url the Coder deployment?",
+                    self.scrubbed(&e.to_string(), 200)
+                )
+            } else if e.is_eof() {
+                format!("the JSON ends early ({e})")
+            } else {
+                format!("invalid JSON: {}", self.scrubbed(&e.to_string(), 200))
+            },
+        })
+    }
+
+    /// Turn an error status into an [`ApiError`].
+    ///
+    /// coderd always explains an error with its JSON; a 4xx without it comes
+    /// from something else (a wrong `--url`, a proxy, a login portal) and is
+    /// reported as such rather than as, say, "workspace not found".
+    fn error_from(&self, what: &str, status: StatusCode, ctype: &str, body: &[u8]) -> ApiError {
         let helper = (status == StatusCode::UNAUTHORIZED).then(|| {
             format!(
                 "Try logging in using 'coder login {}'",
@@ -218,50 +286,57 @@ impl Client {
             )
         });
         let code = status.as_u16();
-        if body.is_empty() {
+        let reason = status.canonical_reason().unwrap_or("error");
+        if let Ok(e) = serde_json::from_slice::<ErrorBody>(body) {
+            if !e.message.trim().is_empty() {
+                return ApiError::Status {
+                    status: code,
+                    message: self.scrubbed(&e.message, 300),
+                    detail: self.scrubbed(&e.detail, 300),
+                    validations: e
+                        .validations
+                        .iter()
+                        .map(|v| self.scrubbed(&format!("{}: {}", v.field, v.detail), 200))
+                        .collect(),
+                    helper,
+                };
+            }
+        }
+        let got = if body.trim_ascii().is_empty() {
+            "an empty body".to_string()
+        } else {
+            format!(
+                "a body that is not Coder error JSON ({ctype:?}: {})",
+                self.scrubbed(&String::from_utf8_lossy(body), 120)
+            )
+        };
+        if code == 401 || code == 429 || code >= 500 {
             return ApiError::Status {
                 status: code,
-                message: format!(
-                    "{} (empty response body)",
-                    status.canonical_reason().unwrap_or("error")
-                ),
+                message: format!("{reason} ({got})"),
                 detail: String::new(),
                 validations: vec![],
                 helper,
             };
         }
-        match serde_json::from_slice::<ErrorBody>(body) {
-            Ok(e) if !e.message.is_empty() => ApiError::Status {
-                status: code,
-                message: one_line(&e.message, 300),
-                detail: one_line(&e.detail, 300),
-                validations: e
-                    .validations
-                    .iter()
-                    .map(|v| one_line(&format!("{}: {}", v.field, v.detail), 200))
-                    .collect(),
-                helper,
-            },
-            Ok(_) => ApiError::Status {
-                status: code,
-                message: format!("unexpected status code {code}, response has no message"),
-                detail: String::new(),
-                validations: vec![],
-                helper,
-            },
-            Err(_) => ApiError::Status {
-                status: code,
-                message: format!(
-                    "{} (non-JSON response {:?}: {})",
-                    status.canonical_reason().unwrap_or("error"),
-                    ctype,
-                    one_line(&String::from_utf8_lossy(&body[..body.len().min(200)]), 120)
-                ),
-                detail: String::new(),
-                validations: vec![],
-                helper,
-            },
+        ApiError::Body {
+            what: what.to_string(),
+            cause: format!(
+                "HTTP {code} {reason} with {got}; is --url the Coder deployment's address?"
+            ),
         }
+    }
+
+    fn check_redirect(&self, resp: &reqwest::Response) -> Result<(), ApiError> {
+        if resp.status().is_redirection() {
+            let location = resp
+                .headers()
+                .get(reqwest::header::LOCATION)
+                .map(|v| self.scrubbed(&String::from_utf8_lossy(v.as_bytes()), 200))
+                .unwrap_or_else(|| "no Location".into());
+            return Err(ApiError::Redirect { location });
+        }
+        Ok(())
     }
 
     /// `GET /api/v2/users/{owner}/workspace/{name}`.
@@ -272,12 +347,14 @@ impl Client {
             seg(name)
         ))
         .await
+        .and_then(check_workspace)
     }
 
     /// `GET /api/v2/workspaces/{id}`.
     pub async fn workspace(&self, id: &str) -> Result<Workspace, ApiError> {
         self.get_json(&format!("/api/v2/workspaces/{}", seg(id)))
             .await
+            .and_then(check_workspace)
     }
 
     /// `GET /api/v2/workspacebuilds/{id}/parameters`.
@@ -303,7 +380,7 @@ impl Client {
         })?;
         let path = format!("/api/v2/workspaces/{}/builds", seg(ws));
         let (_, bytes) = self.call(Method::POST, &path, Some(body)).await?;
-        decode(&path, &bytes)
+        self.decode(&format!("POST {path}"), &bytes)
     }
 
     /// `PUT /api/v2/workspaces/{id}/dormant {"dormant": false}`.
@@ -363,14 +440,14 @@ impl Client {
                 .send()
                 .await
                 .map_err(|e| self.transport(&e))?;
-            check_redirect(&resp)?;
+            self.check_redirect(&resp)?;
             let status = resp.status();
             if status.is_success() {
                 return Ok(resp);
             }
             let ctype = content_type(&resp);
-            let bytes = read_capped(resp, MAX_BODY, "watch").await?;
-            Err(self.error_from(status, &ctype, &bytes))
+            let bytes = read_prefix(resp, MAX_ERROR_BODY).await;
+            Err(self.error_from("watch", status, &ctype, &bytes))
         };
         tokio::time::timeout(self.timeout, fut)
             .await
@@ -419,54 +496,46 @@ fn content_type(resp: &reqwest::Response) -> String {
         .to_string()
 }
 
-fn check_redirect(resp: &reqwest::Response) -> Result<(), ApiError> {
-    if resp.status().is_redirection() {
-        let location = resp
-            .headers()
-            .get(reqwest::header::LOCATION)
-            .and_then(|v| v.to_str().ok())
-            .map(|l| one_line(l, 200))
-            .unwrap_or_else(|| "no Location".into());
-        return Err(ApiError::Redirect { location });
-    }
-    Ok(())
-}
-
-fn decode<T: DeserializeOwned>(path: &str, body: &[u8]) -> Result<T, ApiError> {
-    serde_json::from_slice(body).map_err(|e| ApiError::Body {
-        what: path.split('?').next().unwrap_or(path).to_string(),
-        cause: if body.first().is_some_and(|b| *b == b'<') {
-            "got HTML, not JSON (is --url the Coder deployment?)".to_string()
-        } else {
-            format!("invalid JSON: {e}")
-        },
-    })
+fn strip_query(path: &str) -> &str {
+    path.split('?').next().unwrap_or(path)
 }
 
 /// Read a body, refusing more than `cap` bytes without buffering them.
 async fn read_capped(resp: reqwest::Response, cap: usize, what: &str) -> Result<Vec<u8>, ApiError> {
-    if resp.content_length().is_some_and(|n| n as usize > cap) {
-        return Err(ApiError::Body {
-            what: what.to_string(),
-            cause: format!("response body is larger than {} MiB", cap >> 20),
-        });
+    let too_large = || ApiError::Body {
+        what: what.to_string(),
+        cause: format!("response body is larger than {} MiB", cap >> 20),
+    };
+    if resp.content_length().is_some_and(|n| n > cap as u64) {
+        return Err(too_large());
     }
     let mut out = Vec::new();
     let mut stream = resp.bytes_stream();
     while let Some(chunk) = stream.next().await {
-        let chunk = chunk.map_err(|e| ApiError::Body {
+        let chunk = chunk.map_err(|e| ApiError::Truncated {
             what: what.to_string(),
             cause: format!("reading the body failed: {}", error_chain(&e)),
         })?;
         if out.len() + chunk.len() > cap {
-            return Err(ApiError::Body {
-                what: what.to_string(),
-                cause: format!("response body is larger than {} MiB", cap >> 20),
-            });
+            return Err(too_large());
         }
         out.extend_from_slice(&chunk);
     }
     Ok(out)
+}
+
+/// The first `cap` bytes of an (error) body; a read error ends it early.
+async fn read_prefix(resp: reqwest::Response, cap: usize) -> Vec<u8> {
+    let mut out = Vec::new();
+    let mut stream = resp.bytes_stream();
+    while let Some(Ok(chunk)) = stream.next().await {
+        let room = cap - out.len();
+        out.extend_from_slice(&chunk[..chunk.len().min(room)]);
+        if out.len() >= cap {
+            break;
+        }
+    }
+    out
 }
 
 /// Follow redirects only within the original origin, at most five.

@@ -58,7 +58,7 @@ impl Parser {
                 b'\n' | b'\r' => {
                     self.after_cr = b == b'\r';
                     let line = std::mem::take(&mut self.line);
-                    if let Some(ev) = self.line_done(&line) {
+                    if let Some(ev) = self.line_done(&line)? {
                         out.push(ev);
                     }
                 }
@@ -73,19 +73,19 @@ impl Parser {
         Ok(out)
     }
 
-    fn line_done(&mut self, line: &[u8]) -> Option<Event> {
+    fn line_done(&mut self, line: &[u8]) -> Result<Option<Event>, TooLarge> {
         if line.is_empty() {
             let data = self.data.take();
             let kind = self.kind.take();
             self.size = 0;
             // An event with no data field is not dispatched (SSE spec).
-            return data.map(|data| Event {
+            return Ok(data.map(|data| Event {
                 kind: kind.unwrap_or_else(|| "message".to_string()),
                 data,
-            });
+            }));
         }
         if line[0] == b':' {
-            return None;
+            return Ok(None);
         }
         let text = String::from_utf8_lossy(line);
         let (field, value) = match text.find(':') {
@@ -98,7 +98,11 @@ impl Parser {
         match field {
             "event" => self.kind = Some(value.to_string()),
             "data" => {
+                // Counted after UTF-8 repair, which can triple invalid bytes.
                 self.size += value.len() + 1;
+                if self.size > self.max_event + 1 {
+                    return Err(TooLarge(self.max_event));
+                }
                 match &mut self.data {
                     Some(d) => {
                         d.push('\n');
@@ -109,7 +113,7 @@ impl Parser {
             }
             _ => {}
         }
-        None
+        Ok(None)
     }
 }
 
@@ -165,6 +169,16 @@ mod tests {
             many.extend_from_slice(b"data: 0123456789\n");
         }
         assert!(p.feed(&many).is_err());
+    }
+
+    #[test]
+    fn invalid_utf8_cannot_grow_an_event_past_the_cap() {
+        // Each 0xff becomes a 3-byte U+FFFD; the cap counts the repaired text.
+        let mut p = Parser::new(1024);
+        let mut s = b"data: ".to_vec();
+        s.extend(std::iter::repeat_n(0xffu8, 600));
+        s.extend_from_slice(b"\n\n");
+        assert_eq!(p.feed(&s), Err(TooLarge(1024)));
     }
 
     #[test]

@@ -76,6 +76,22 @@ pub fn spawn_ssh(ep: &AgentEndpoint, remote: &str, stdin: Stdio) -> Child {
     ssh_cmd(ep, &[], remote, stdin).spawn().expect("spawn ssh")
 }
 
+/// Starts `ssh ... 'echo ready; exec sleep 30'` and returns once the remote
+/// command is really running (login shell startup done), so a kill cannot
+/// land in the middle of the user's shell init.
+pub async fn spawn_sleeper(ep: &AgentEndpoint) -> Child {
+    use tokio::io::AsyncBufReadExt;
+    let mut child = spawn_ssh(ep, "echo ready; exec sleep 30", Stdio::null());
+    let out = child.stdout.take().expect("stdout");
+    let mut lines = tokio::io::BufReader::new(out).lines();
+    let line = tokio::time::timeout(Duration::from_secs(10), lines.next_line())
+        .await
+        .expect("remote command did not start within 10s")
+        .expect("read ssh stdout");
+    assert_eq!(line.as_deref(), Some("ready"));
+    child
+}
+
 pub fn sha256_file(path: &Path) -> String {
     let mut f = std::fs::File::open(path).expect("open for hashing");
     let mut h = Sha256::new();
@@ -354,11 +370,10 @@ pub async fn check_remote_closes_first(ep: &AgentEndpoint) {
 
 pub async fn check_kill_and_live_count(ep: &AgentEndpoint) {
     assert_eq!(ep.live_connections(), 0);
-    let a = spawn_ssh(ep, "sleep 30", Stdio::null());
-    let b = spawn_ssh(ep, "sleep 30", Stdio::null());
+    let a = spawn_sleeper(ep).await;
+    wait_live(ep, 1).await;
+    let b = spawn_sleeper(ep).await;
     wait_live(ep, 2).await;
-    // Make sure the sessions are really running before killing them.
-    tokio::time::sleep(Duration::from_millis(300)).await;
     let t = Instant::now();
     ep.kill_connections();
     assert_eq!(ep.live_connections(), 0);
@@ -376,9 +391,8 @@ pub async fn check_kill_and_live_count(ep: &AgentEndpoint) {
 }
 
 pub async fn check_reset(ep: &AgentEndpoint) {
-    let c = spawn_ssh(ep, "sleep 30", Stdio::null());
+    let c = spawn_sleeper(ep).await;
     wait_live(ep, 1).await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
     ep.reset_connections();
     let o = exit_within(c, Duration::from_secs(5)).await;
     assert_eq!(o.status.code(), Some(255));
@@ -430,4 +444,50 @@ pub async fn check_reset_raw(ep: &AgentEndpoint) {
         Ok(n) => panic!("expected ECONNRESET, read returned Ok({n})"),
     }
     wait_live(ep, 0).await;
+}
+
+/// Past russh's 1 GiB rekey limit in both directions, streaming (nothing
+/// held in memory): download from the remote, then upload the same bytes.
+pub async fn check_gib_both_ways(ep: &AgentEndpoint, len: u64) {
+    use tokio::io::AsyncReadExt;
+    let dir = tmp();
+    let file = dir.path().join("big");
+    let t = Instant::now();
+    let mut child = spawn_ssh(
+        ep,
+        &format!("head -c {len} /dev/urandom | tee {}", file.display()),
+        Stdio::null(),
+    );
+    let mut out = child.stdout.take().expect("stdout");
+    let mut h = Sha256::new();
+    let mut n = 0u64;
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let k = out.read(&mut buf).await.expect("read");
+        if k == 0 {
+            break;
+        }
+        n += k as u64;
+        h.update(&buf[..k]);
+    }
+    let o = child.wait_with_output().await.expect("wait");
+    assert_eq!(o.status.code(), Some(0), "stderr: {}", stderr(&o));
+    assert_eq!(n, len);
+    let want = sha256_file(&file);
+    assert_eq!(hex(&h.finalize()), want);
+    eprintln!("download {} MiB in {:?}", len >> 20, t.elapsed());
+
+    let t = Instant::now();
+    let o = ssh_cmd(
+        ep,
+        &[],
+        "sha256sum",
+        Stdio::from(std::fs::File::open(&file).expect("open")),
+    )
+    .output()
+    .await
+    .expect("ssh");
+    assert_eq!(o.status.code(), Some(0), "stderr: {}", stderr(&o));
+    assert!(String::from_utf8_lossy(&o.stdout).starts_with(&want));
+    eprintln!("upload {} MiB in {:?}", len >> 20, t.elapsed());
 }

@@ -236,7 +236,10 @@ async fn run_header_command(cmd: &str, url: &Url) -> Result<Vec<(HeaderName, Hea
             read_capped_pipe(stdout, HEADER_OUTPUT_MAX),
             first_bytes(stderr, 4096),
         )?;
-        let status = child.wait().await.context("failed to run --header-command")?;
+        let status = child
+            .wait()
+            .await
+            .context("failed to run --header-command")?;
         Ok::<_, anyhow::Error>((status, out, err))
     })
     .await;
@@ -260,12 +263,7 @@ async fn run_header_command(cmd: &str, url: &Url) -> Result<Vec<(HeaderName, Hea
             }
         );
     }
-    let out = std::process::Output {
-        status,
-        stdout,
-        stderr,
-    };
-    let text = String::from_utf8(out.stdout)
+    let text = String::from_utf8(stdout)
         .map_err(|_| anyhow!("--header-command printed non-UTF-8 output"))?;
     let mut headers = Vec::new();
     for (i, line) in text.lines().enumerate() {

@@ -6,53 +6,12 @@
 mod common;
 
 use std::os::unix::fs::PermissionsExt;
-use std::process::Output;
 use std::time::Duration;
 
 use coder_sim::{AgentSpec, ApiFault, WorkspaceSpec};
 use common::*;
 
 const LIMIT: Duration = Duration::from_secs(60);
-/// What a proxy sends before the server's banner can come back: nothing
-/// useful, but it keeps the stream open until we close stdin.
-const BANNER: &[u8] = b"SSH-2.0-setup_probe\r\n";
-
-/// Assert a clean setup failure: exit code, nothing on stdout, one line.
-fn assert_fails(out: &Output, code: i32, needle: &str) -> String {
-    let err = text(&out.stderr);
-    assert_eq!(out.status.code(), Some(code), "stderr: {err}");
-    assert!(out.stdout.is_empty(), "stdout: {:?}", text(&out.stdout));
-    assert!(err.contains(needle), "expected {needle:?} in {err:?}");
-    assert_eq!(err.trim_end().lines().count(), 1, "not one line: {err:?}");
-    assert!(!err.contains("panicked"), "{err}");
-    err
-}
-
-/// Like [`assert_fails`], but retry lines may come before the final one.
-fn assert_fails_after_retries(out: &Output, code: i32, needle: &str) -> String {
-    let err = text(&out.stderr);
-    assert_eq!(out.status.code(), Some(code), "stderr: {err}");
-    assert!(out.stdout.is_empty(), "stdout: {:?}", text(&out.stdout));
-    let last = err.trim_end().lines().last().unwrap_or("");
-    assert!(
-        last.starts_with("coder-proxy: ") && last.contains(needle),
-        "expected {needle:?} last in {err:?}"
-    );
-    for l in err.trim_end().lines() {
-        assert!(l == last || l.contains("retrying"), "unexpected line {l:?}");
-    }
-    err
-}
-
-/// Assert the proxy connected: the agent's SSH banner came back on stdout.
-fn assert_connected(out: &Output) {
-    assert!(
-        out.stdout.starts_with(b"SSH-2.0-"),
-        "no SSH banner; code {:?} stderr: {}",
-        out.status.code(),
-        text(&out.stderr)
-    );
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn settings_precedence() {
@@ -414,48 +373,12 @@ async fn usage_heartbeat_can_be_disabled() {
     assert_eq!(posted, 1);
 }
 
-/// A raw HTTP server on loopback that answers every request with `reply`
-/// and records what it received.
-async fn raw_server(
-    reply: String,
-) -> (
-    std::net::SocketAddr,
-    std::sync::Arc<std::sync::Mutex<Vec<String>>>,
-) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = l.local_addr().unwrap();
-    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-    let seen2 = seen.clone();
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = l.accept().await {
-            let reply = reply.clone();
-            let seen = seen2.clone();
-            tokio::spawn(async move {
-                let mut buf = vec![0u8; 16384];
-                let mut got = Vec::new();
-                while !got.windows(4).any(|w| w == b"\r\n\r\n") {
-                    match s.read(&mut buf).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => got.extend_from_slice(&buf[..n]),
-                    }
-                }
-                seen.lock()
-                    .unwrap()
-                    .push(String::from_utf8_lossy(&got).into_owned());
-                let _ = s.write_all(reply.as_bytes()).await;
-            });
-        }
-    });
-    (addr, seen)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redirect_to_another_origin_never_carries_the_token() {
-    let (other, other_seen) =
-        raw_server("HTTP/1.1 500 x\r\nContent-Length: 0\r\n\r\n".into()).await;
-    let (deploy, deploy_seen) = raw_server(format!(
-        "HTTP/1.1 302 Found\r\nLocation: http://{other}/api/v2/users/me/workspace/dev\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+    let other = RawServer::fixed(http_response(500, "text/plain", b"")).await;
+    let deploy = RawServer::fixed(format!(
+        "HTTP/1.1 302 Found\r\nLocation: http://{}/api/v2/users/me/workspace/dev\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+        other.addr
     ))
     .await;
     let mut c = tokio::process::Command::new(PROXY);
@@ -463,7 +386,7 @@ async fn redirect_to_another_origin_never_carries_the_token() {
         "--tunnel",
         "tcp://127.0.0.1:1",
         "--url",
-        &format!("http://{deploy}"),
+        &deploy.url(),
         "-v",
         "dev",
     ])
@@ -476,10 +399,6 @@ async fn redirect_to_another_origin_never_carries_the_token() {
     assert!(err.contains("redirected to another origin"), "{err}");
     assert!(!err.contains("tok-must-not-travel"), "{err}");
     // The deployment got the token; the other origin got nothing at all.
-    assert!(deploy_seen.lock().unwrap()[0].contains("tok-must-not-travel"));
-    assert!(
-        other_seen.lock().unwrap().is_empty(),
-        "{:?}",
-        other_seen.lock().unwrap()
-    );
+    assert!(deploy.requests()[0].head.contains("tok-must-not-travel"));
+    assert!(other.requests().is_empty(), "{:?}", other.requests());
 }

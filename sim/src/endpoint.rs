@@ -7,7 +7,7 @@
 //! (`reset_connections`). Behind the port sits either the embedded russh
 //! server (`ssh.rs`) or a real `sshd -i` per connection (`sshd.rs`).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::path::PathBuf;
@@ -16,7 +16,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use anyhow::Context as _;
-use tokio::io::{AsyncWriteExt, BufReader, DuplexStream};
+use bytes::{Bytes, BytesMut};
+use tokio::io::{AsyncWriteExt, BufReader, DuplexStream, Interest};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::AbortHandle;
 
@@ -331,7 +332,15 @@ fn start_conn(
                         log::debug!("endpoint: ssh session ended: {e:#}");
                     }
                 };
-                tokio::join!(pump(stream, near), serve);
+                let pump = pump(stream, near);
+                tokio::pin!(pump);
+                tokio::select! {
+                    // Transport gone: dropping `serve` ends the sessions.
+                    () = &mut pump => {}
+                    // Session over: its end of the pipe is closed, so the
+                    // pump flushes what is left and finishes.
+                    () = serve => pump.await,
+                }
             })
         }
         Backend::OpenSsh(setup) => {
@@ -360,19 +369,12 @@ fn start_conn(
 }
 
 /// Copies bytes between the client's socket and the embedded server until
-/// the server side is done. Uses the borrowed `split` halves: an owned write
-/// half would send FIN when dropped, defeating `reset_connections`.
+/// the connection is over: the server side is done, or the client is gone.
+/// Uses the borrowed `split` halves: an owned write half would send FIN when
+/// dropped, defeating `reset_connections`.
 async fn pump(mut tcp: TcpStream, inner: DuplexStream) {
     let (tcp_r, mut tcp_w) = tcp.split();
-    let (inner_r, mut inner_w) = tokio::io::split(inner);
-    let up = async {
-        let mut r = BufReader::with_capacity(PIPE_BUF, tcp_r);
-        if let Err(e) = tokio::io::copy_buf(&mut r, &mut inner_w).await {
-            log::debug!("endpoint: client->server: {e}");
-        }
-        // Client EOF (or error) becomes server EOF; the session then ends.
-        let _ = inner_w.shutdown().await;
-    };
+    let (inner_r, inner_w) = tokio::io::split(inner);
     let down = async {
         let mut r = BufReader::with_capacity(PIPE_BUF, inner_r);
         if let Err(e) = tokio::io::copy_buf(&mut r, &mut tcp_w).await {
@@ -380,10 +382,129 @@ async fn pump(mut tcp: TcpStream, inner: DuplexStream) {
         }
         let _ = tcp_w.shutdown().await;
     };
-    // The server finishing ends the connection even if the client still has
-    // its write side open.
     tokio::select! {
         () = down => {}
-        () = async { up.await; std::future::pending::<()>().await } => {}
+        () = pump_up(tcp_r, inner_w) => {}
+    }
+}
+
+/// Client bytes we may hold while the server is not reading. russh re-opens
+/// the SSH window when data *arrives*, not when it is consumed, so a program
+/// that ignores its stdin stalls the whole session loop, and the client's
+/// data then piles up in the socket with the client's FIN behind it. The
+/// client cannot have more than a window's worth in flight, so holding
+/// that much here lets us always read on to the FIN and notice that the
+/// client is gone (a stalled session would never see the EOF itself).
+const UP_QUEUE_LIMIT: usize = 2 * crate::ssh::WINDOW_SIZE as usize;
+
+/// After the client's EOF, how long the server may go without taking data
+/// before we end the connection. An SSH client only closes its socket when
+/// it is done, so this is just the time to say goodbye.
+const EOF_GRACE: Duration = Duration::from_secs(3);
+
+/// How often to ask the socket whether the client is gone while our queue is
+/// full and the server stalled (a backstop for floods of tiny packets, whose
+/// framing overhead the window does not count).
+const STALL_CHECK: Duration = Duration::from_millis(500);
+
+/// The client-to-server half of [`pump`]. Returns when the connection should
+/// end; the server side only ever sees EOF, never a lost byte, otherwise.
+async fn pump_up(
+    tcp_r: tokio::net::tcp::ReadHalf<'_>,
+    mut inner_w: tokio::io::WriteHalf<DuplexStream>,
+) {
+    let mut queue: VecDeque<Bytes> = VecDeque::new();
+    let mut queued = 0usize;
+    let mut eof = false;
+    let mut buf = BytesMut::new();
+    let mut idle_deadline = tokio::time::Instant::now() + EOF_GRACE;
+    loop {
+        if eof && queue.is_empty() {
+            // Client EOF becomes server EOF; a healthy server then finishes
+            // and `down` ends the connection.
+            let _ = inner_w.shutdown().await;
+            tokio::time::sleep(EOF_GRACE).await;
+            return;
+        }
+        let can_read = !eof && queued < UP_QUEUE_LIMIT;
+        if buf.capacity() < PIPE_BUF / 4 {
+            buf.reserve(PIPE_BUF);
+        }
+        tokio::select! {
+            r = read_some(&tcp_r, &mut buf), if can_read => match r {
+                Ok(0) => {
+                    eof = true;
+                    idle_deadline = tokio::time::Instant::now() + EOF_GRACE;
+                }
+                Ok(_) => {
+                    let chunk = buf.split().freeze();
+                    queued += chunk.len();
+                    queue.push_back(chunk);
+                }
+                Err(e) => {
+                    log::debug!("endpoint: client->server: {e}");
+                    eof = true;
+                    idle_deadline = tokio::time::Instant::now() + EOF_GRACE;
+                }
+            },
+            w = write_some(&mut inner_w, queue.front()), if !queue.is_empty() => match w {
+                Ok(n) => {
+                    queued -= n;
+                    if let Some(front) = queue.front_mut() {
+                        if n == front.len() {
+                            queue.pop_front();
+                        } else {
+                            let _ = front.split_to(n);
+                        }
+                    }
+                    idle_deadline = tokio::time::Instant::now() + EOF_GRACE;
+                }
+                // The server hung up; `down` ends the connection.
+                Err(_) => return std::future::pending::<()>().await,
+            },
+            () = tokio::time::sleep_until(idle_deadline), if eof => return,
+            () = client_gone(&tcp_r), if !can_read && !eof => return,
+        }
+    }
+}
+
+/// One read into `buf`. Only needs `&` access to the socket, so the
+/// stall check can look at it at the same time. Cancel-safe.
+async fn read_some(
+    tcp_r: &tokio::net::tcp::ReadHalf<'_>,
+    buf: &mut BytesMut,
+) -> std::io::Result<usize> {
+    loop {
+        tcp_r.readable().await?;
+        match tcp_r.try_read_buf(buf) {
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+            r => return r,
+        }
+    }
+}
+
+/// One write of (part of) `front`. Cancel-safe: an unfinished write wrote
+/// nothing.
+async fn write_some(
+    w: &mut tokio::io::WriteHalf<DuplexStream>,
+    front: Option<&Bytes>,
+) -> std::io::Result<usize> {
+    let Some(front) = front else { return Ok(0) };
+    match w.write(front).await? {
+        0 => Err(std::io::ErrorKind::WriteZero.into()),
+        n => Ok(n),
+    }
+}
+
+/// Resolves when the client has closed or reset the connection, asking the
+/// socket (EPOLLRDHUP) since we are not reading it.
+async fn client_gone(tcp_r: &tokio::net::tcp::ReadHalf<'_>) {
+    loop {
+        tokio::time::sleep(STALL_CHECK).await;
+        match tcp_r.ready(Interest::READABLE).await {
+            Ok(r) if r.is_read_closed() => return,
+            Ok(_) => {}
+            Err(_) => return,
+        }
     }
 }

@@ -31,6 +31,13 @@ use russh::{Channel, ChannelId, ChannelMsg, ChannelReadHalf, ChannelWriteHalf, P
 use tokio::io::unix::AsyncFd;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::process::{Child, Command};
+use tokio::sync::watch;
+
+/// SSH receive window per channel. russh tops it back up as soon as data is
+/// received, so this is also the most client data that can be in flight
+/// once the session stops reading (see `endpoint.rs`, which sizes its
+/// buffering on it).
+pub const WINDOW_SIZE: u32 = 8 * 1024 * 1024;
 
 /// Where Debian/Fedora/Alpine-style installs keep OpenSSH's sftp server.
 const SFTP_SERVER_CANDIDATES: &[&str] = &[
@@ -105,7 +112,7 @@ impl EmbeddedSsh {
             keepalive_interval: None,
             // Bulk transfers: Nagle only adds latency to interactive echoes.
             nodelay: true,
-            window_size: 8 * 1024 * 1024,
+            window_size: WINDOW_SIZE,
             channel_buffer_size: 256,
             event_buffer_size: 64,
             ..Default::default()
@@ -121,19 +128,25 @@ impl EmbeddedSsh {
 
     /// Runs one SSH connection over `stream` until the client disconnects or
     /// the stream fails. Processes started by the session are killed when it
-    /// ends.
+    /// ends, or as soon as this future is dropped: the caller drops it when
+    /// the transport is gone, which must end the sessions even if russh's
+    /// session loop is stalled (it stalls, by design, while a program is not
+    /// reading its stdin, and would then never notice the EOF).
     pub async fn serve<S>(&self, stream: S) -> anyhow::Result<()>
     where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
+        let (alive, alive_rx) = watch::channel(());
         let handler = SessionHandler {
             ctx: Arc::clone(&self.ctx),
+            alive: alive_rx,
         };
         let running = russh::server::run_stream(Arc::clone(&self.config), stream, handler)
             .await
             .context("ssh handshake")?;
-        running.await.context("ssh session")?;
-        Ok(())
+        let result = running.await.context("ssh session");
+        drop(alive);
+        result
     }
 }
 
@@ -142,6 +155,8 @@ impl EmbeddedSsh {
 /// session loop never waits on a process.
 struct SessionHandler {
     ctx: Arc<Ctx>,
+    /// Closed when the connection is over; see [`EmbeddedSsh::serve`].
+    alive: watch::Receiver<()>,
 }
 
 impl SessionHandler {
@@ -188,6 +203,7 @@ impl russh::server::Handler for SessionHandler {
             channel,
             session.handle(),
             Arc::clone(&self.ctx),
+            self.alive.clone(),
         ));
         Ok(())
     }
@@ -273,7 +289,12 @@ struct PtySize {
 /// Drives one session channel: collects env/pty requests, starts the program,
 /// then pipes data both ways until the program is done or the channel goes
 /// away.
-async fn run_channel(channel: Channel<Msg>, handle: Handle, ctx: Arc<Ctx>) {
+async fn run_channel(
+    channel: Channel<Msg>,
+    handle: Handle,
+    ctx: Arc<Ctx>,
+    mut alive: watch::Receiver<()>,
+) {
     let id = channel.id();
     let (mut rx, tx) = channel.split();
     let mut env: Vec<(String, String)> = Vec::new();
@@ -283,7 +304,11 @@ async fn run_channel(channel: Channel<Msg>, handle: Handle, ctx: Arc<Ctx>) {
     // Setup phase: requests arrive in order before (or interleaved with)
     // the first data, so anything seen here is replayed to the program.
     let program = loop {
-        match rx.wait().await {
+        let msg = tokio::select! {
+            msg = rx.wait() => msg,
+            () = connection_gone(&mut alive) => return,
+        };
+        match msg {
             None | Some(ChannelMsg::Close) => return,
             Some(ChannelMsg::SetEnv {
                 variable_name,
@@ -358,15 +383,17 @@ async fn run_channel(channel: Channel<Msg>, handle: Handle, ctx: Arc<Ctx>) {
     };
     let input = pump_input(&mut rx, stdin, early, pty_master.as_deref(), pgid);
 
-    let status = tokio::select! {
-        status = async { outputs.await; child.wait().await } => status,
-        () = input => {
-            // The client closed the channel or the connection died: nobody
-            // is left to read the output, so end the program like sshd does.
-            drop(guard);
-            let _ = child.wait().await;
-            return;
-        }
+    let finished = tokio::select! {
+        status = async { outputs.await; child.wait().await } => Some(status),
+        () = input => None,
+        () = connection_gone(&mut alive) => None,
+    };
+    let Some(status) = finished else {
+        // The client closed the channel or the connection died: nobody is
+        // left to read the output, so end the program like sshd does.
+        drop(guard);
+        let _ = child.wait().await;
+        return;
     };
     guard.disarm();
 
@@ -379,6 +406,11 @@ async fn run_channel(channel: Channel<Msg>, handle: Handle, ctx: Arc<Ctx>) {
         }
     }
     let _ = tx.close().await;
+}
+
+/// Resolves once the connection's `alive` sender is dropped.
+async fn connection_gone(alive: &mut watch::Receiver<()>) {
+    while alive.changed().await.is_ok() {}
 }
 
 fn clamp_u16(v: u32) -> u16 {

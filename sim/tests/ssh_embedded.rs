@@ -21,6 +21,7 @@ async fn exec_exit_codes_and_stderr() {
     let ep = endpoint().await;
     check_exec_and_exit_codes(&ep).await;
     check_env(&ep).await;
+    check_shell_from_stdin(&ep).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -145,4 +146,57 @@ async fn big_256mib_transfers() {
 async fn gib_transfers_survive_rekey() {
     let ep = endpoint().await;
     check_gib_both_ways(&ep, 1200 << 20).await;
+}
+
+/// The remote ignores its stdin while the client floods it, so the session
+/// is stalled on backpressure; the client then vanishes. The connection must
+/// still be torn down and the program killed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_vanishes_while_remote_ignores_stdin() {
+    let ep = endpoint().await;
+    let marker = format!("sleep 29.{}", std::process::id());
+    let zero = std::fs::File::open("/dev/zero").expect("/dev/zero");
+    let mut c = ssh_cmd(&ep, &[], &format!("exec {marker}"), Stdio::from(zero))
+        .spawn()
+        .expect("ssh");
+    wait_live(&ep, 1).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while !pgrep(&marker) {
+        assert!(std::time::Instant::now() < deadline, "remote never started");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Let the flood fill every buffer on the way.
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    c.kill().await.expect("kill ssh");
+    wait_live(&ep, 0).await;
+    wait_gone(&marker, Duration::from_secs(5)).await;
+}
+
+/// Same stall, ended from the agent side.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_while_remote_ignores_stdin() {
+    let ep = endpoint().await;
+    let marker = format!("sleep 28.{}", std::process::id());
+    let zero = std::fs::File::open("/dev/zero").expect("/dev/zero");
+    let c = ssh_cmd(&ep, &[], &format!("exec {marker}"), Stdio::from(zero))
+        .spawn()
+        .expect("ssh");
+    wait_live(&ep, 1).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while !pgrep(&marker) {
+        assert!(std::time::Instant::now() < deadline, "remote never started");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    ep.kill_connections();
+    let o = exit_within(c, Duration::from_secs(5)).await;
+    assert_eq!(o.status.code(), Some(255));
+    wait_gone(&marker, Duration::from_secs(5)).await;
+}
+
+/// The endpoint is shared across tasks by the simulator.
+#[test]
+fn endpoint_is_send_and_sync() {
+    fn check<T: Send + Sync + 'static>() {}
+    check::<AgentEndpoint>();
 }

@@ -39,6 +39,7 @@ async fn exec_exit_codes_and_stderr() {
     let Some(ep) = endpoint().await else { return };
     check_exec_and_exit_codes(&ep).await;
     check_env(&ep).await;
+    check_shell_from_stdin(&ep).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -156,23 +157,6 @@ async fn kill_leaves_no_processes() {
         assert!(std::time::Instant::now() < deadline, "{marker} survived");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-}
-
-/// Is a live (non-zombie) process running `cmdline`?
-fn pgrep(cmdline: &str) -> bool {
-    let Ok(dir) = std::fs::read_dir("/proc") else {
-        return false;
-    };
-    dir.flatten().any(|e| {
-        let cmd = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
-        let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
-        let state = std::fs::read_to_string(e.path().join("stat")).unwrap_or_default();
-        let zombie = state
-            .rfind(')')
-            .map(|i| state[i + 1..].trim_start().starts_with('Z'))
-            .unwrap_or(false);
-        cmd.trim() == cmdline && !zombie
-    })
 }
 
 /// Large transfer, for timing; run with `--ignored`.

@@ -51,9 +51,14 @@ pub enum ApiError {
     /// We could not talk to coderd at all.
     #[error("cannot reach coderd at {url}: {cause}")]
     Transport { url: String, cause: String },
-    /// TLS failed on the server's certificate; retrying cannot fix that.
-    #[error("cannot reach coderd at {url}: {cause}; if the deployment uses a private CA, add it to the system trust store or point SSL_CERT_FILE at it")]
-    Certificate { url: String, cause: String },
+    /// The TLS handshake failed in a way a retry cannot fix (an untrusted
+    /// certificate, or no TLS at all on the other end).
+    #[error("cannot reach coderd at {url}: TLS failed: {cause}; {hint}")]
+    Tls {
+        url: String,
+        cause: String,
+        hint: &'static str,
+    },
     /// The connection broke while the body was being read.
     #[error("the answer from coderd was cut off ({what}): {cause}")]
     Truncated { what: String, cause: String },
@@ -99,9 +104,7 @@ impl ApiError {
         match self {
             ApiError::Status { status, .. } => *status >= 500 || *status == 429,
             ApiError::Transport { .. } | ApiError::Truncated { .. } => true,
-            ApiError::Certificate { .. } | ApiError::Body { .. } | ApiError::Redirect { .. } => {
-                false
-            }
+            ApiError::Tls { .. } | ApiError::Body { .. } | ApiError::Redirect { .. } => false,
         }
     }
     /// The HTTP status, when coderd answered.
@@ -227,13 +230,24 @@ impl Client {
 
     fn transport(&self, e: &reqwest::Error) -> ApiError {
         let cause = self.scrubbed(&error_chain(e), 400);
-        // rustls names every certificate failure ("invalid peer certificate:
-        // UnknownIssuer", "peer sent no certificates", "received fatal alert:
-        // BadCertificate"); its error type is not reachable through reqwest.
-        if cause.to_ascii_lowercase().contains("certificate") {
-            return ApiError::Certificate {
+        // rustls's error type is not reachable through reqwest, but its text
+        // names the failure: "invalid peer certificate: UnknownIssuer", "peer
+        // sent no certificates", "received fatal alert: BadCertificate", or
+        // "received corrupt message of type InvalidContentType" when the
+        // other end does not speak TLS at all.
+        let lower = cause.to_ascii_lowercase();
+        let hint = if lower.contains("certificate") {
+            Some("if the deployment uses a private CA, add it to the system trust store or point SSL_CERT_FILE at it")
+        } else if lower.contains("invalidcontenttype") {
+            Some("the server does not speak TLS on that port; if the deployment is served over plain http, use an http:// URL")
+        } else {
+            None
+        };
+        if let Some(hint) = hint {
+            return ApiError::Tls {
                 url: self.base.to_string(),
                 cause,
+                hint,
             };
         }
         ApiError::Transport {
@@ -329,11 +343,16 @@ impl Client {
 
     fn check_redirect(&self, resp: &reqwest::Response) -> Result<(), ApiError> {
         if resp.status().is_redirection() {
-            let location = resp
-                .headers()
-                .get(reqwest::header::LOCATION)
-                .map(|v| self.scrubbed(&String::from_utf8_lossy(v.as_bytes()), 200))
-                .unwrap_or_else(|| "no Location".into());
+            let Some(location) = resp.headers().get(reqwest::header::LOCATION) else {
+                return Err(ApiError::Body {
+                    what: resp.url().path().to_string(),
+                    cause: format!(
+                        "HTTP {} without a Location; is --url the Coder deployment's address?",
+                        resp.status().as_u16()
+                    ),
+                });
+            };
+            let location = self.scrubbed(&String::from_utf8_lossy(location.as_bytes()), 200);
             return Err(ApiError::Redirect { location });
         }
         Ok(())

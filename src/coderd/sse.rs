@@ -96,7 +96,12 @@ impl Parser {
             None => (&text[..], ""),
         };
         match field {
-            "event" => self.kind = Some(value.to_string()),
+            "event" => {
+                if value.len() > self.max_event {
+                    return Err(TooLarge(self.max_event));
+                }
+                self.kind = Some(value.to_string());
+            }
             "data" => {
                 // Counted after UTF-8 repair, which can triple invalid bytes.
                 self.size += value.len() + 1;

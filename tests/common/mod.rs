@@ -1,6 +1,7 @@
 //! Shared harness for end-to-end tests: a coder-sim deployment, a Coder
-//! config directory, and the real OpenSSH client running coder-proxy as its
-//! ProxyCommand.
+//! config directory, the real OpenSSH client running coder-proxy as its
+//! ProxyCommand, a scripted raw HTTP server for answers coder-sim cannot
+//! give, and the assertions every test file uses.
 #![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
@@ -197,4 +198,214 @@ pub async fn eventually(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     f()
+}
+
+/// Bytes a proxy sends before the server's banner can come back: nothing
+/// useful, but it keeps the stream open until we close stdin.
+pub const BANNER: &[u8] = b"SSH-2.0-setup_probe\r\n";
+
+/// Assert a clean setup failure: exit code, nothing on stdout, one line.
+pub fn assert_fails(out: &Output, code: i32, needle: &str) -> String {
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(code), "stderr: {err}");
+    assert!(out.stdout.is_empty(), "stdout: {:?}", text(&out.stdout));
+    assert!(err.contains(needle), "expected {needle:?} in {err:?}");
+    assert_eq!(err.trim_end().lines().count(), 1, "not one line: {err:?}");
+    assert!(!err.contains("panicked"), "{err}");
+    err
+}
+
+/// Like [`assert_fails`], but retry lines may come before the final one.
+pub fn assert_fails_after_retries(out: &Output, code: i32, needle: &str) -> String {
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(code), "stderr: {err}");
+    assert!(out.stdout.is_empty(), "stdout: {:?}", text(&out.stdout));
+    let last = err.trim_end().lines().last().unwrap_or("");
+    assert!(
+        last.starts_with("coder-proxy: ") && last.contains(needle),
+        "expected {needle:?} last in {err:?}"
+    );
+    for l in err.trim_end().lines() {
+        assert!(l == last || l.contains("retrying"), "unexpected line {l:?}");
+    }
+    err
+}
+
+/// Assert the proxy connected: the agent's SSH banner came back on stdout.
+pub fn assert_connected(out: &Output) {
+    assert!(
+        out.stdout.starts_with(b"SSH-2.0-"),
+        "no SSH banner; code {:?} stderr: {}",
+        out.status.code(),
+        text(&out.stderr)
+    );
+}
+
+/// One request a [`RawServer`] received.
+#[derive(Clone, Debug)]
+pub struct RawRequest {
+    pub method: String,
+    /// The request target, query included.
+    pub path: String,
+    /// Request line and headers as received.
+    pub head: String,
+}
+
+impl RawRequest {
+    /// A header's value (case-insensitive name).
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.head.lines().skip(1).find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.trim().eq_ignore_ascii_case(name).then(|| v.trim())
+        })
+    }
+}
+
+/// What a [`RawServer`] does with one request. Every reply ends its
+/// connection, so canned heads should say `Connection: close`.
+pub enum Reply {
+    /// Write these bytes, then close.
+    Close(Vec<u8>),
+    /// Write these bytes, then keep the connection open and silent until the
+    /// client goes away.
+    Hold(Vec<u8>),
+    /// Write `head`, then `chunk` again and again until the client goes away.
+    Endless { head: Vec<u8>, chunk: Vec<u8> },
+}
+
+/// A complete response with `Content-Length` and `Connection: close`.
+pub fn http_response(status: u16, content_type: &str, body: &[u8]) -> Vec<u8> {
+    let mut r = format!(
+        "HTTP/1.1 {status} X\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    )
+    .into_bytes();
+    r.extend_from_slice(body);
+    r
+}
+
+/// [`http_response`] with a JSON body, as a [`Reply`].
+pub fn json_reply(status: u16, body: &str) -> Reply {
+    Reply::Close(http_response(status, "application/json", body.as_bytes()))
+}
+
+type Handler = dyn Fn(&RawRequest) -> Reply + Send + Sync;
+
+/// A scripted HTTP/1.1 server on 127.0.0.1: `handler` picks the reply to
+/// each request, and every request is recorded. It stops accepting when
+/// dropped.
+pub struct RawServer {
+    pub addr: std::net::SocketAddr,
+    seen: std::sync::Arc<std::sync::Mutex<Vec<RawRequest>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl RawServer {
+    pub async fn start(
+        handler: impl Fn(&RawRequest) -> Reply + Send + Sync + 'static,
+    ) -> RawServer {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let handler: std::sync::Arc<Handler> = std::sync::Arc::new(handler);
+        let seen2 = seen.clone();
+        let task = tokio::spawn(async move {
+            while let Ok((s, _)) = l.accept().await {
+                tokio::spawn(serve_one(s, handler.clone(), seen2.clone()));
+            }
+        });
+        RawServer { addr, seen, task }
+    }
+
+    /// A server that answers every request with the same bytes, then closes.
+    pub async fn fixed(reply: impl Into<Vec<u8>>) -> RawServer {
+        let reply = reply.into();
+        Self::start(move |_| Reply::Close(reply.clone())).await
+    }
+
+    /// `http://127.0.0.1:PORT`.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Every request so far.
+    pub fn requests(&self) -> Vec<RawRequest> {
+        self.seen.lock().unwrap().clone()
+    }
+
+    /// How many requests so far had a path containing `needle`.
+    pub fn count(&self, needle: &str) -> usize {
+        self.seen
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|r| r.path.contains(needle))
+            .count()
+    }
+}
+
+impl Drop for RawServer {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn serve_one(
+    mut s: tokio::net::TcpStream,
+    handler: std::sync::Arc<Handler>,
+    seen: std::sync::Arc<std::sync::Mutex<Vec<RawRequest>>>,
+) {
+    use tokio::io::AsyncReadExt;
+    let mut buf = vec![0u8; 16384];
+    let mut got = Vec::new();
+    let end = loop {
+        if let Some(i) = got.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i + 4;
+        }
+        match s.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+        }
+    };
+    let head = String::from_utf8_lossy(&got[..end]).into_owned();
+    let mut words = head.split_whitespace();
+    let req = RawRequest {
+        method: words.next().unwrap_or("").to_string(),
+        path: words.next().unwrap_or("").to_string(),
+        head: head.clone(),
+    };
+    // Read the body too: closing with unread bytes would reset the
+    // connection before the client reads the reply.
+    let want: usize = req
+        .header("Content-Length")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    let mut have = got.len() - end;
+    while have < want {
+        match s.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => have += n,
+        }
+    }
+    seen.lock().unwrap().push(req.clone());
+    match handler(&req) {
+        Reply::Close(bytes) => {
+            let _ = s.write_all(&bytes).await;
+            let _ = s.shutdown().await;
+        }
+        Reply::Hold(bytes) => {
+            let _ = s.write_all(&bytes).await;
+            // Until the client leaves.
+            while let Ok(n) = s.read(&mut buf).await {
+                if n == 0 {
+                    break;
+                }
+            }
+        }
+        Reply::Endless { head, chunk } => {
+            if s.write_all(&head).await.is_ok() {
+                while s.write_all(&chunk).await.is_ok() {}
+            }
+        }
+    }
 }

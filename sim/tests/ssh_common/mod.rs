@@ -152,6 +152,57 @@ pub async fn exit_within(child: Child, limit: Duration) -> Output {
         .expect("wait ssh")
 }
 
+/// Is a live (non-zombie) process running `cmdline`?
+pub fn pgrep(cmdline: &str) -> bool {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return false;
+    };
+    dir.flatten().any(|e| {
+        let cmd = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
+        let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+        let state = std::fs::read_to_string(e.path().join("stat")).unwrap_or_default();
+        let zombie = state
+            .rfind(')')
+            .map(|i| state[i + 1..].trim_start().starts_with('Z'))
+            .unwrap_or(false);
+        cmd.trim() == cmdline && !zombie
+    })
+}
+
+/// Waits until no live process runs `cmdline`.
+pub async fn wait_gone(cmdline: &str, limit: Duration) {
+    let deadline = Instant::now() + limit;
+    while pgrep(cmdline) {
+        assert!(Instant::now() < deadline, "{cmdline} survived");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Waits until this process has no unreaped (zombie) children.
+pub async fn wait_no_zombies() {
+    let me = std::process::id().to_string();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let zombies: Vec<String> = std::fs::read_dir("/proc")
+            .map(|d| {
+                d.flatten()
+                    .filter_map(|e| std::fs::read_to_string(e.path().join("stat")).ok())
+                    .filter(|st| {
+                        let rest = st.rfind(')').map(|i| &st[i + 1..]).unwrap_or("");
+                        let mut f = rest.split_whitespace();
+                        f.next() == Some("Z") && f.next() == Some(me.as_str())
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        if zombies.is_empty() {
+            return;
+        }
+        assert!(Instant::now() < deadline, "zombie children: {zombies:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 // ---- checks -------------------------------------------------------------
 
 pub async fn check_exec_and_exit_codes(ep: &AgentEndpoint) {
@@ -184,6 +235,35 @@ pub async fn check_env(ep: &AgentEndpoint) {
     .expect("ssh");
     assert_eq!(o.status.code(), Some(0), "stderr: {}", stderr(&o));
     assert_eq!(o.stdout, b"yes-it-is\n");
+}
+
+/// No command: a shell reading commands from the piped stdin.
+pub async fn check_shell_from_stdin(ep: &AgentEndpoint) {
+    let mut child = Command::new("ssh")
+        .args(common_opts(ep))
+        .arg("-T")
+        .arg("-p")
+        .arg(ep.addr().port().to_string())
+        .arg("127.0.0.1")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("ssh");
+    let mut stdin = child.stdin.take().expect("stdin");
+    stdin
+        .write_all(b"echo from-shell\nexit 5\n")
+        .await
+        .expect("write");
+    drop(stdin);
+    let o = exit_within(child, Duration::from_secs(10)).await;
+    assert_eq!(o.status.code(), Some(5), "stderr: {}", stderr(&o));
+    assert!(
+        String::from_utf8_lossy(&o.stdout).contains("from-shell\n"),
+        "stdout: {:?}",
+        String::from_utf8_lossy(&o.stdout)
+    );
 }
 
 /// `ssh host 'wc -c' < file`: the remote sees every byte, then EOF.
@@ -388,6 +468,7 @@ pub async fn check_kill_and_live_count(ep: &AgentEndpoint) {
     let o = ssh(ep, "echo again").await;
     assert_eq!(o.stdout, b"again\n", "stderr: {}", stderr(&o));
     wait_live(ep, 0).await;
+    wait_no_zombies().await;
 }
 
 pub async fn check_reset(ep: &AgentEndpoint) {

@@ -1,0 +1,452 @@
+//! DERP client over an already-upgraded byte stream: the login handshake
+//! (ServerKey → ClientInfo → ServerInfo), sending packets, and receiving
+//! events with Ping answered automatically and unknown frames skipped.
+//!
+//! The stream is split: a background task owns the write half and drains a
+//! bounded queue, so [`DerpSender::send`] and [`DerpReceiver::recv`] are
+//! both cancel-safe and can run on different tasks.
+
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
+use tokio::sync::mpsc;
+
+use super::frame::{
+    self, kind, Frame, FrameReader, PeerGoneReason, CLIENT_MAX_FRAME_LEN, MAX_PACKET_SIZE,
+    PROTOCOL_VERSION, SERVER_KEY_MAX_FRAME_LEN,
+};
+use super::key::{NodePrivate, NodePublic};
+use super::DerpError;
+
+/// Knobs for [`DerpClient::handshake`].
+#[derive(Debug, Clone)]
+pub struct ClientOptions {
+    /// Declares that this client answers pings (it does). Sent as
+    /// `CanAckPings` in the ClientInfo JSON.
+    pub can_ack_pings: bool,
+    /// Mesh key for trusted relay-to-relay clients; `None` for normal clients.
+    pub mesh_key: Option<String>,
+    pub is_prober: bool,
+    /// Bound on the whole login exchange.
+    pub handshake_timeout: Duration,
+    /// Frames queued for the writer task before `send` waits.
+    pub send_queue: usize,
+}
+
+impl Default for ClientOptions {
+    fn default() -> Self {
+        Self {
+            can_ack_pings: true,
+            mesh_key: None,
+            is_prober: false,
+            handshake_timeout: Duration::from_secs(10),
+            send_queue: 64,
+        }
+    }
+}
+
+/// The JSON a client seals into its ClientInfo frame. Field names follow
+/// what Go servers expect (`version`, `meshKey`, `CanAckPings`,
+/// `IsProber`); parsing also accepts other capitalisations because Go's
+/// JSON decoder matches names case-insensitively.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClientInfo {
+    #[serde(
+        rename = "version",
+        alias = "Version",
+        default,
+        skip_serializing_if = "is_zero"
+    )]
+    pub version: u32,
+    #[serde(
+        rename = "meshKey",
+        alias = "MeshKey",
+        alias = "meshkey",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub mesh_key: Option<String>,
+    #[serde(rename = "CanAckPings", alias = "canAckPings", default)]
+    pub can_ack_pings: bool,
+    #[serde(
+        rename = "IsProber",
+        alias = "isProber",
+        default,
+        skip_serializing_if = "is_false"
+    )]
+    pub is_prober: bool,
+}
+
+/// The JSON a server seals into its ServerInfo frame.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServerInfo {
+    #[serde(
+        rename = "version",
+        alias = "Version",
+        default,
+        skip_serializing_if = "is_zero"
+    )]
+    pub version: u32,
+    /// Bytes per second the server says it accepts (0 = unspecified).
+    /// Not enforced by this client.
+    #[serde(
+        rename = "TokenBucketBytesPerSecond",
+        alias = "tokenBucketBytesPerSecond",
+        default,
+        skip_serializing_if = "is_zero_i64"
+    )]
+    pub token_bucket_bytes_per_second: i64,
+    #[serde(
+        rename = "TokenBucketBytesBurst",
+        alias = "tokenBucketBytesBurst",
+        default,
+        skip_serializing_if = "is_zero_i64"
+    )]
+    pub token_bucket_bytes_burst: i64,
+}
+
+fn is_zero(v: &u32) -> bool {
+    *v == 0
+}
+fn is_zero_i64(v: &i64) -> bool {
+    *v == 0
+}
+fn is_false(v: &bool) -> bool {
+    !*v
+}
+
+/// What [`DerpReceiver::recv`] hands back.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// A packet relayed from `src` (a WireGuard or disco datagram).
+    Packet { src: NodePublic, data: Vec<u8> },
+    /// A peer we talked to is gone from this relay.
+    PeerGone {
+        peer: NodePublic,
+        reason: PeerGoneReason,
+    },
+    /// (Mesh watchers only.) A peer is connected.
+    PeerPresent { peer: NodePublic },
+    /// The server's periodic keep-alive.
+    KeepAlive,
+    /// A server ping; the Pong has already been queued.
+    Ping([u8; 8]),
+    /// Reply to a ping we sent.
+    Pong([u8; 8]),
+    /// Connection health text; empty means healthy again.
+    Health { problem: String },
+    /// The server is restarting: reconnect after `reconnect_in`, keep
+    /// trying for `try_for`.
+    Restarting {
+        reconnect_in: Duration,
+        try_for: Duration,
+    },
+}
+
+/// A logged-in DERP connection.
+#[derive(Debug)]
+pub struct DerpClient<S> {
+    sender: DerpSender,
+    receiver: DerpReceiver<S>,
+    server_info: ServerInfo,
+}
+
+/// The sending side; cheap to clone.
+#[derive(Debug, Clone)]
+pub struct DerpSender {
+    tx: mpsc::Sender<Vec<u8>>,
+    public: NodePublic,
+    server_key: NodePublic,
+}
+
+/// The receiving side.
+#[derive(Debug)]
+pub struct DerpReceiver<S> {
+    reader: FrameReader<ReadHalf<S>>,
+    pongs: DerpSender,
+}
+
+impl<S> DerpClient<S>
+where
+    S: AsyncRead + AsyncWrite + Send + 'static,
+{
+    /// Logs in on `io`, a stream already switched to DERP (after the HTTP
+    /// upgrade or inside a websocket): reads the ServerKey greeting (≤ 1 KiB,
+    /// magic checked), sends ClientInfo sealed to the server key with a
+    /// random nonce, then waits for ServerInfo and opens it.
+    pub async fn handshake(
+        io: S,
+        private: &NodePrivate,
+        opts: ClientOptions,
+    ) -> Result<Self, DerpError> {
+        let limit = opts.handshake_timeout;
+        match tokio::time::timeout(limit, Self::handshake_inner(io, private, opts)).await {
+            Ok(r) => r,
+            Err(_) => Err(DerpError::Timeout(limit)),
+        }
+    }
+
+    async fn handshake_inner(
+        io: S,
+        private: &NodePrivate,
+        opts: ClientOptions,
+    ) -> Result<Self, DerpError> {
+        let (r, mut w) = tokio::io::split(io);
+        let mut reader = FrameReader::new(r);
+
+        let (k, payload) = reader.expect_frame(SERVER_KEY_MAX_FRAME_LEN).await?;
+        if k != kind::SERVER_KEY {
+            return Err(DerpError::UnexpectedFrame {
+                got: k,
+                want: "ServerKey",
+            });
+        }
+        let server_key = match Frame::decode(k, &payload)? {
+            Frame::ServerKey { key, .. } => key,
+            _ => return Err(DerpError::BadMagic),
+        };
+
+        let info = ClientInfo {
+            version: PROTOCOL_VERSION,
+            mesh_key: opts.mesh_key.clone(),
+            can_ack_pings: opts.can_ack_pings,
+            is_prober: opts.is_prober,
+        };
+        let json = serde_json::to_vec(&info).map_err(|source| DerpError::Json {
+            what: "client info",
+            source,
+        })?;
+        let hello = Frame::ClientInfo {
+            key: private.public(),
+            sealed: private.seal_to(&server_key, &json),
+        };
+        w.write_all(&hello.encode()).await?;
+        w.flush().await?;
+
+        let server_info = loop {
+            let (k, payload) = reader.expect_frame(CLIENT_MAX_FRAME_LEN).await?;
+            match k {
+                kind::SERVER_INFO => {
+                    let sealed = match Frame::decode(k, &payload)? {
+                        Frame::ServerInfo { sealed } => sealed,
+                        _ => return Err(DerpError::BadBox("server info")),
+                    };
+                    let json = private
+                        .open_from(&server_key, &sealed)
+                        .ok_or(DerpError::BadBox("server info"))?;
+                    let si: ServerInfo =
+                        serde_json::from_slice(&json).map_err(|source| DerpError::Json {
+                            what: "server info",
+                            source,
+                        })?;
+                    break si;
+                }
+                kind::KEEP_ALIVE => continue,
+                k if is_known(k) => {
+                    return Err(DerpError::UnexpectedFrame {
+                        got: k,
+                        want: "ServerInfo",
+                    })
+                }
+                other => {
+                    log::debug!("derp: skipping unknown frame type {other:#04x} during login");
+                    continue;
+                }
+            }
+        };
+
+        let (tx, rx) = mpsc::channel(opts.send_queue.max(1));
+        tokio::spawn(write_loop(w, rx));
+        let sender = DerpSender {
+            tx,
+            public: private.public(),
+            server_key,
+        };
+        Ok(Self {
+            receiver: DerpReceiver {
+                reader,
+                pongs: sender.clone(),
+            },
+            sender,
+            server_info,
+        })
+    }
+}
+
+impl<S: AsyncRead> DerpClient<S> {
+    pub fn server_key(&self) -> NodePublic {
+        self.sender.server_key
+    }
+
+    pub fn public_key(&self) -> NodePublic {
+        self.sender.public
+    }
+
+    pub fn server_info(&self) -> &ServerInfo {
+        &self.server_info
+    }
+
+    /// A clonable handle for sending from other tasks.
+    pub fn sender(&self) -> DerpSender {
+        self.sender.clone()
+    }
+
+    pub fn into_split(self) -> (DerpSender, DerpReceiver<S>) {
+        (self.sender, self.receiver)
+    }
+
+    pub async fn send(&self, dst: &NodePublic, packet: &[u8]) -> Result<(), DerpError> {
+        self.sender.send(dst, packet).await
+    }
+
+    pub async fn note_preferred(&self, preferred: bool) -> Result<(), DerpError> {
+        self.sender.note_preferred(preferred).await
+    }
+}
+
+impl<S: AsyncRead> DerpClient<S> {
+    pub async fn recv(&mut self) -> Result<Event, DerpError> {
+        self.receiver.recv().await
+    }
+}
+
+impl DerpSender {
+    pub fn public_key(&self) -> NodePublic {
+        self.public
+    }
+
+    pub fn server_key(&self) -> NodePublic {
+        self.server_key
+    }
+
+    /// Whether the writer task has stopped (connection broken or closed).
+    pub fn is_closed(&self) -> bool {
+        self.tx.is_closed()
+    }
+
+    /// Queues `packet` for `dst`. Fails if the packet exceeds 64 KiB or the
+    /// connection is gone. Waits while the send queue is full.
+    pub async fn send(&self, dst: &NodePublic, packet: &[u8]) -> Result<(), DerpError> {
+        if packet.len() > MAX_PACKET_SIZE {
+            return Err(DerpError::PacketTooLarge(packet.len()));
+        }
+        let mut body = Vec::with_capacity(frame::FRAME_HEADER_LEN + 32 + packet.len());
+        body.push(kind::SEND_PACKET);
+        body.extend_from_slice(&((32 + packet.len()) as u32).to_be_bytes());
+        body.extend_from_slice(dst.as_bytes());
+        body.extend_from_slice(packet);
+        self.queue(body).await
+    }
+
+    /// Tells the server whether this is our home (preferred) relay.
+    pub async fn note_preferred(&self, preferred: bool) -> Result<(), DerpError> {
+        self.queue(Frame::NotePreferred(preferred).encode()).await
+    }
+
+    /// Sends a Ping; the server answers with a Pong event.
+    pub async fn send_ping(&self, data: [u8; 8]) -> Result<(), DerpError> {
+        self.queue(Frame::Ping(data).encode()).await
+    }
+
+    /// Sends any frame as-is (tests, future frame types).
+    pub async fn send_frame(&self, frame: &Frame) -> Result<(), DerpError> {
+        self.queue(frame.encode()).await
+    }
+
+    async fn queue(&self, bytes: Vec<u8>) -> Result<(), DerpError> {
+        self.tx.send(bytes).await.map_err(|_| DerpError::Closed)
+    }
+}
+
+impl<S: AsyncRead> DerpReceiver<S> {
+    /// The next event. Pings are answered before they are returned;
+    /// unknown frame types and malformed known frames are skipped (logged
+    /// at debug). Cancel-safe. `Err(Closed)` on EOF.
+    pub async fn recv(&mut self) -> Result<Event, DerpError> {
+        loop {
+            let (k, payload) = self.reader.expect_frame(CLIENT_MAX_FRAME_LEN).await?;
+            let frame = match Frame::decode(k, &payload) {
+                Ok(f) => f,
+                Err(DerpError::Malformed { kind, reason }) => {
+                    log::debug!("derp: dropping malformed frame {kind:#04x}: {reason}");
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
+            return Ok(match frame {
+                Frame::RecvPacket { src, data } => Event::Packet { src, data },
+                Frame::KeepAlive => Event::KeepAlive,
+                Frame::PeerGone { peer, reason } => Event::PeerGone { peer, reason },
+                Frame::PeerPresent { peer } => Event::PeerPresent { peer },
+                Frame::Ping(d) => {
+                    // Never block the reader on a congested writer: like the
+                    // Go server, drop a pong we cannot queue right now.
+                    if self.pongs.tx.try_send(Frame::Pong(d).encode()).is_err() {
+                        log::debug!("derp: send queue full or closed; pong dropped");
+                    }
+                    Event::Ping(d)
+                }
+                Frame::Pong(d) => Event::Pong(d),
+                Frame::Health(problem) => Event::Health { problem },
+                Frame::Restarting {
+                    reconnect_in,
+                    try_for,
+                } => Event::Restarting {
+                    reconnect_in,
+                    try_for,
+                },
+                other => {
+                    log::debug!("derp: skipping frame type {:#04x}", other.kind());
+                    continue;
+                }
+            });
+        }
+    }
+
+    /// A sender sharing this connection's writer.
+    pub fn sender(&self) -> DerpSender {
+        self.pongs.clone()
+    }
+}
+
+fn is_known(k: u8) -> bool {
+    matches!(
+        k,
+        kind::SERVER_KEY
+            | kind::CLIENT_INFO
+            | kind::SEND_PACKET
+            | kind::RECV_PACKET
+            | kind::NOTE_PREFERRED
+            | kind::PEER_GONE
+            | kind::PEER_PRESENT
+            | kind::PING
+            | kind::PONG
+            | kind::HEALTH
+            | kind::RESTARTING
+    )
+}
+
+/// Owns the write half: writes queued frames, flushing once the queue is
+/// momentarily empty. Ends (closing the write side) when every sender is
+/// dropped or a write fails; senders then see [`DerpError::Closed`].
+pub(crate) async fn write_loop<W: AsyncWrite>(mut w: WriteHalf<W>, mut rx: mpsc::Receiver<Vec<u8>>) {
+    while let Some(first) = rx.recv().await {
+        let mut res = w.write_all(&first).await;
+        while res.is_ok() {
+            match rx.try_recv() {
+                Ok(more) => res = w.write_all(&more).await,
+                Err(_) => break,
+            }
+        }
+        if let Err(e) = res {
+            log::debug!("derp: write failed: {e}");
+            return;
+        }
+        if let Err(e) = w.flush().await {
+            log::debug!("derp: flush failed: {e}");
+            return;
+        }
+    }
+    let _ = w.shutdown().await;
+}

@@ -1,0 +1,345 @@
+//! The HTTP side of reaching a DERP relay: the URL for a DERP-map node, the
+//! `GET /derp` + `Upgrade: DERP` request, and a bounded parse of the `101`
+//! response. A 4xx answer is returned as [`UpgradeError::Status`] whose
+//! [`should_try_websocket`](UpgradeError::should_try_websocket) tells the
+//! caller to retry over a websocket with subprotocol `derp` — that
+//! transport is not in this module; it only needs to yield a byte stream
+//! for [`DerpClient::handshake`](super::DerpClient::handshake).
+//!
+//! TLS is the caller's: hand in a TCP or TLS stream. (If TLS negotiated
+//! ALPN `h2`, the Upgrade cannot work; the caller should go straight to
+//! websocket, as Tailscale's client does.)
+
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use bytes::{Buf, Bytes};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+
+use super::client::{ClientOptions, DerpClient};
+use super::key::{NodePrivate, NodePublic};
+use super::DerpError;
+use crate::proto::DerpNode;
+
+/// Largest response head (status line + headers) we read.
+pub const MAX_RESPONSE_HEAD: usize = 16 << 10;
+const USER_AGENT: &str = concat!("coder-tailnet/", env!("CARGO_PKG_VERSION"));
+
+/// Why the upgrade did not happen.
+#[derive(Debug, thiserror::Error)]
+pub enum UpgradeError {
+    #[error("DERP upgrade I/O: {0}")]
+    Io(#[from] io::Error),
+    #[error("DERP server answered HTTP {code} {reason}: {body}")]
+    Status {
+        code: u16,
+        reason: String,
+        /// Whatever body bytes had already arrived (lossy UTF-8, ≤ 512 bytes).
+        body: String,
+    },
+    #[error("DERP server sent a malformed HTTP response: {0}")]
+    BadResponse(&'static str),
+    #[error("DERP upgrade response head exceeds {MAX_RESPONSE_HEAD} bytes")]
+    HeadTooLarge,
+    #[error("invalid header for the DERP request: {0:?}")]
+    BadHeader(String),
+}
+
+impl UpgradeError {
+    /// True for 4xx answers: a proxy in the way likely refuses
+    /// `Upgrade: DERP`; retry this region over a websocket.
+    pub fn should_try_websocket(&self) -> bool {
+        matches!(self, UpgradeError::Status { code, .. } if (400..500).contains(code))
+    }
+}
+
+/// What the `101` response told us.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct UpgradeResponse {
+    /// `Derp-Version` header, if present and numeric.
+    pub derp_version: Option<u32>,
+    /// `Derp-Public-Key` header (bare hex), if present and valid. The
+    /// ServerKey frame that follows is authoritative.
+    pub derp_public_key: Option<NodePublic>,
+}
+
+/// The URL Tailscale's client uses for a DERP-map node:
+/// `https://<IPv4 or HostName>[:DERPPort]/derp`, `http` when `force_http`,
+/// the port only when it is not the scheme default.
+pub fn derp_url(node: &DerpNode) -> String {
+    let scheme = if node.force_http { "http" } else { "https" };
+    let host = if node.ipv4.is_empty() {
+        node.host_name.as_str()
+    } else {
+        node.ipv4.as_str()
+    };
+    let default_port = if node.force_http { 80 } else { 443 };
+    if node.derp_port != 0 && node.derp_port != default_port && !host.contains(':') {
+        format!("{scheme}://{host}:{}/derp", node.derp_port)
+    } else {
+        format!("{scheme}://{host}/derp")
+    }
+}
+
+/// Writes the upgrade request on `io` and reads the response head.
+///
+/// `host` is the `Host` header value (with `:port` when not the default).
+/// `extra_headers` are sent first (e.g. the CLI's `--header` values);
+/// `Host`, `Upgrade` and `Connection` among them are ignored because this
+/// function sets them. Names and values must not contain CR or LF.
+///
+/// On success returns the stream, with any bytes that arrived after the
+/// response head replayed first.
+pub async fn upgrade<S>(
+    mut io: S,
+    host: &str,
+    extra_headers: &[(String, String)],
+) -> Result<(Upgraded<S>, UpgradeResponse), UpgradeError>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let req = build_request(host, extra_headers)?;
+    io.write_all(req.as_bytes()).await?;
+    io.flush().await?;
+
+    let mut buf = Vec::with_capacity(1024);
+    let head_end = loop {
+        if let Some(pos) = find_head_end(&buf) {
+            break pos;
+        }
+        if buf.len() >= MAX_RESPONSE_HEAD {
+            return Err(UpgradeError::HeadTooLarge);
+        }
+        let mut chunk = [0u8; 2048];
+        let want = chunk.len().min(MAX_RESPONSE_HEAD + 4 - buf.len());
+        let n = io.read(&mut chunk[..want]).await?;
+        if n == 0 {
+            return Err(UpgradeError::BadResponse("connection closed before the response head ended"));
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    };
+    let head = std::str::from_utf8(&buf[..head_end])
+        .map_err(|_| UpgradeError::BadResponse("response head is not UTF-8"))?;
+    let rest = Bytes::copy_from_slice(&buf[head_end + 4..]);
+    let (code, reason, headers) = parse_head(head)?;
+
+    if code != 101 {
+        let body = String::from_utf8_lossy(&rest[..rest.len().min(512)]).into_owned();
+        return Err(UpgradeError::Status { code, reason, body });
+    }
+    let header = |name: &str| {
+        headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    };
+    let upgrade_ok = header("Upgrade").is_some_and(|v| v.eq_ignore_ascii_case("derp"));
+    if !upgrade_ok {
+        return Err(UpgradeError::BadResponse("101 response without `Upgrade: DERP`"));
+    }
+    let resp = UpgradeResponse {
+        derp_version: header("Derp-Version").and_then(|v| v.trim().parse().ok()),
+        derp_public_key: header("Derp-Public-Key")
+            .and_then(|v| NodePublic::parse_untyped_hex(v.trim()).ok()),
+    };
+    Ok((Upgraded { prefix: rest, io }, resp))
+}
+
+/// Upgrade + login in one call.
+pub async fn connect_http<S>(
+    io: S,
+    host: &str,
+    extra_headers: &[(String, String)],
+    private: &NodePrivate,
+    opts: ClientOptions,
+) -> Result<DerpClient<Upgraded<S>>, DerpError>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let limit = opts.handshake_timeout;
+    let (up, _) = tokio::time::timeout(limit, upgrade(io, host, extra_headers))
+        .await
+        .map_err(|_| DerpError::Timeout(limit))??;
+    DerpClient::handshake(up, private, opts).await
+}
+
+fn build_request(host: &str, extra: &[(String, String)]) -> Result<String, UpgradeError> {
+    let bad = |s: &str| s.bytes().any(|b| b == b'\r' || b == b'\n');
+    if host.is_empty() || bad(host) {
+        return Err(UpgradeError::BadHeader(format!("Host: {host}")));
+    }
+    let mut req = format!("GET /derp HTTP/1.1\r\nHost: {host}\r\nUser-Agent: {USER_AGENT}\r\n");
+    for (k, v) in extra {
+        let invalid_name = k.is_empty() || k.bytes().any(|b| b <= b' ' || b == b':' || b >= 0x7f);
+        if invalid_name || bad(v) {
+            return Err(UpgradeError::BadHeader(k.clone()));
+        }
+        if ["host", "upgrade", "connection", "user-agent"]
+            .iter()
+            .any(|h| k.eq_ignore_ascii_case(h))
+        {
+            continue;
+        }
+        req.push_str(k);
+        req.push_str(": ");
+        req.push_str(v);
+        req.push_str("\r\n");
+    }
+    req.push_str("Upgrade: DERP\r\nConnection: Upgrade\r\n\r\n");
+    Ok(req)
+}
+
+fn find_head_end(buf: &[u8]) -> Option<usize> {
+    buf.windows(4).position(|w| w == b"\r\n\r\n")
+}
+
+type Head = (u16, String, Vec<(String, String)>);
+
+fn parse_head(head: &str) -> Result<Head, UpgradeError> {
+    let mut lines = head.split("\r\n");
+    let status = lines
+        .next()
+        .ok_or(UpgradeError::BadResponse("empty response"))?;
+    let mut parts = status.splitn(3, ' ');
+    let version = parts.next().unwrap_or_default();
+    if !version.starts_with("HTTP/1.") {
+        return Err(UpgradeError::BadResponse("not an HTTP/1.x status line"));
+    }
+    let code = parts
+        .next()
+        .and_then(|c| c.parse::<u16>().ok())
+        .ok_or(UpgradeError::BadResponse("bad status code"))?;
+    let reason = parts.next().unwrap_or_default().to_string();
+    let mut headers = Vec::new();
+    for line in lines {
+        let (k, v) = line
+            .split_once(':')
+            .ok_or(UpgradeError::BadResponse("header line without a colon"))?;
+        headers.push((k.trim().to_string(), v.trim().to_string()));
+    }
+    Ok((code, reason, headers))
+}
+
+/// A stream after the upgrade: replays bytes read past the response head,
+/// then reads from the inner stream. Writes go straight through.
+#[derive(Debug)]
+pub struct Upgraded<S> {
+    prefix: Bytes,
+    io: S,
+}
+
+impl<S> Upgraded<S> {
+    pub fn into_parts(self) -> (Bytes, S) {
+        (self.prefix, self.io)
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Upgraded<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        if !self.prefix.is_empty() {
+            let n = self.prefix.len().min(buf.remaining());
+            buf.put_slice(&self.prefix[..n]);
+            self.prefix.advance(n);
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Upgraded<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+}
+
+/// Server side of the upgrade, for the simulator: reads the request head
+/// from `io` (bounded), and if it asks for `Upgrade: DERP` answers `101`
+/// with `Derp-Version` and `Derp-Public-Key`; otherwise answers
+/// `426 Upgrade Required` and returns `Ok(None)`. Returns the request's
+/// headers and the stream (with any bytes read past the head replayed).
+pub async fn accept_upgrade<S>(
+    mut io: S,
+    server_key: &NodePublic,
+) -> Result<Option<(Upgraded<S>, Vec<(String, String)>)>, UpgradeError>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let mut buf = Vec::with_capacity(1024);
+    let head_end = loop {
+        if let Some(pos) = find_head_end(&buf) {
+            break pos;
+        }
+        if buf.len() >= MAX_RESPONSE_HEAD {
+            return Err(UpgradeError::HeadTooLarge);
+        }
+        let mut chunk = [0u8; 2048];
+        let want = chunk.len().min(MAX_RESPONSE_HEAD + 4 - buf.len());
+        let n = io.read(&mut chunk[..want]).await?;
+        if n == 0 {
+            return Err(UpgradeError::BadResponse("connection closed before the request head ended"));
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    };
+    let head = std::str::from_utf8(&buf[..head_end])
+        .map_err(|_| UpgradeError::BadResponse("request head is not UTF-8"))?;
+    let mut lines = head.split("\r\n");
+    let request_line = lines.next().unwrap_or_default();
+    let mut headers = Vec::new();
+    for line in lines {
+        if let Some((k, v)) = line.split_once(':') {
+            headers.push((k.trim().to_string(), v.trim().to_string()));
+        }
+    }
+    let wants_derp = request_line.starts_with("GET ")
+        && headers
+            .iter()
+            .any(|(k, v)| k.eq_ignore_ascii_case("upgrade") && v.eq_ignore_ascii_case("derp"));
+    if !wants_derp {
+        let body = "DERP requires connection upgrade";
+        let resp = format!(
+            "HTTP/1.1 426 Upgrade Required\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        );
+        io.write_all(resp.as_bytes()).await?;
+        io.flush().await?;
+        return Ok(None);
+    }
+    let resp = format!(
+        "HTTP/1.1 101 Switching Protocols\r\nUpgrade: DERP\r\nConnection: Upgrade\r\nDerp-Version: {}\r\nDerp-Public-Key: {}\r\n\r\n",
+        super::PROTOCOL_VERSION,
+        server_key.to_untyped_hex()
+    );
+    io.write_all(resp.as_bytes()).await?;
+    io.flush().await?;
+    let rest = Bytes::copy_from_slice(&buf[head_end + 4..]);
+    Ok(Some((Upgraded { prefix: rest, io }, headers)))
+}

@@ -1,0 +1,18 @@
+//! coder-tailnet: a clean-room Rust implementation of the pieces of Coder's
+//! tailnet that a client needs to reach a workspace agent, and that
+//! coder-sim needs to play the other side.
+//!
+//! Written from protocol facts (field numbers, frame layouts, message
+//! order) recorded in `shared/reference/tailnet.md`; no code or `.proto`
+//! file is copied from Coder or Tailscale.
+//!
+//! Layers, bottom up: [`yamux`] (stream multiplexing over the coordinate
+//! websocket), [`drpc`] (storj dRPC framing, one RPC per yamux stream),
+//! [`proto`] (tailnet v2 protobuf messages), [`derp`] (the DERP relay
+//! protocol, client and server sides).
+pub mod wg;
+pub mod addr;
+pub mod derp;
+pub mod proto;
+pub mod yamux;
+pub mod drpc;

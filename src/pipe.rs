@@ -16,6 +16,7 @@ use std::fs::File;
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, TcpStream};
 use std::os::fd::{FromRawFd, OwnedFd, RawFd};
+use std::os::unix::net::UnixStream;
 
 use tokio::sync::mpsc::UnboundedSender;
 
@@ -67,9 +68,40 @@ pub fn protect_stdio() -> io::Result<Stdio> {
     }
 }
 
+/// A kernel socket the pump can drive with blocking I/O from two threads.
+pub trait Socket: Read + Write + Send + Sized + 'static {
+    fn try_clone(&self) -> io::Result<Self>;
+    fn shutdown_write(&self) -> io::Result<()>;
+    fn set_blocking(&self) -> io::Result<()>;
+}
+
+impl Socket for TcpStream {
+    fn try_clone(&self) -> io::Result<Self> {
+        TcpStream::try_clone(self)
+    }
+    fn shutdown_write(&self) -> io::Result<()> {
+        self.shutdown(Shutdown::Write)
+    }
+    fn set_blocking(&self) -> io::Result<()> {
+        self.set_nonblocking(false)
+    }
+}
+
+impl Socket for UnixStream {
+    fn try_clone(&self) -> io::Result<Self> {
+        UnixStream::try_clone(self)
+    }
+    fn shutdown_write(&self) -> io::Result<()> {
+        self.shutdown(Shutdown::Write)
+    }
+    fn set_blocking(&self) -> io::Result<()> {
+        self.set_nonblocking(false)
+    }
+}
+
 /// Start both directions; the first end is reported on `done`.
-pub fn start(stdio: Stdio, stream: TcpStream, done: UnboundedSender<End>) -> io::Result<()> {
-    stream.set_nonblocking(false)?;
+pub fn start<S: Socket>(stdio: Stdio, stream: S, done: UnboundedSender<End>) -> io::Result<()> {
+    stream.set_blocking()?;
     let up_sock = stream.try_clone()?;
     let down_sock = stream;
     let input = File::from(stdio.input);
@@ -88,14 +120,14 @@ pub fn start(stdio: Stdio, stream: TcpStream, done: UnboundedSender<End>) -> io:
 }
 
 /// stdin → stream; on stdin EOF half-close the stream.
-fn pump_up(mut input: File, mut sock: TcpStream) {
+fn pump_up<S: Socket>(mut input: File, mut sock: S) {
     let mut buf = vec![0u8; BUF_SIZE];
     let mut total: u64 = 0;
     loop {
         match input.read(&mut buf) {
             Ok(0) => {
                 log::debug!("stdin EOF after {total} bytes; half-closing the stream");
-                let _ = sock.shutdown(Shutdown::Write);
+                let _ = sock.shutdown_write();
                 return;
             }
             Ok(n) => {
@@ -109,7 +141,7 @@ fn pump_up(mut input: File, mut sock: TcpStream) {
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => wait_readable(&input),
             Err(e) => {
                 log::debug!("reading stdin failed: {e}; half-closing the stream");
-                let _ = sock.shutdown(Shutdown::Write);
+                let _ = sock.shutdown_write();
                 return;
             }
         }
@@ -117,7 +149,7 @@ fn pump_up(mut input: File, mut sock: TcpStream) {
 }
 
 /// stream → stdout until the stream ends.
-fn pump_down(mut sock: TcpStream, mut output: File) -> End {
+fn pump_down<S: Socket>(mut sock: S, mut output: File) -> End {
     let mut buf = vec![0u8; BUF_SIZE];
     let mut total: u64 = 0;
     loop {

@@ -16,6 +16,7 @@ use crate::coderd::models::{Transition, Workspace, WorkspaceStatus};
 use crate::coderd::watch::WatchState;
 use crate::coderd::Client;
 use crate::pipe::{self, End};
+use crate::tunnel::AgentStream;
 
 /// Usage heartbeat period (as `coder ssh`).
 pub const USAGE_EVERY: Duration = Duration::from_secs(60);
@@ -74,13 +75,20 @@ pub fn close_reason(connected_build: &str, ws: &Workspace) -> Option<String> {
 
 impl Session {
     /// Pump `stream` until the session closes; returns why.
-    pub async fn run(mut self, stdio: pipe::Stdio, stream: tokio::net::TcpStream) -> Closed {
+    pub async fn run(mut self, stdio: pipe::Stdio, stream: AgentStream) -> Closed {
         let (tx, mut done) = mpsc::unbounded_channel();
-        let std_stream = match stream.into_std() {
-            Ok(s) => s,
-            Err(e) => return Closed::StreamBroken(format!("cannot take over the stream: {e}")),
+        // Why a tailnet data path died, if it does.
+        let mut tunnel_dead = None;
+        let started = match stream {
+            AgentStream::Tcp(s) => s.into_std().and_then(|s| pipe::start(stdio, s, tx)),
+            AgentStream::Tailnet(tunnel) => {
+                // The pump drives kernel sockets; bridge the in-process
+                // stream to one end of a socketpair.
+                tunnel_dead = Some(tunnel.dead.clone());
+                bridge_tunnel(tunnel).and_then(|s| pipe::start(stdio, s, tx))
+            }
         };
-        if let Err(e) = pipe::start(stdio, std_stream, tx) {
+        if let Err(e) = started {
             return Closed::StreamBroken(format!("cannot start the pump: {e}"));
         }
 
@@ -157,9 +165,40 @@ impl Session {
                     }
                 }
                 n = sigs.recv() => return Closed::Signal(n),
+                reason = tunnel_died(&mut tunnel_dead) => return Closed::StreamBroken(reason),
             }
         }
     }
+}
+
+/// Resolves with the reason once a tailnet data path dies; never otherwise.
+async fn tunnel_died(dead: &mut Option<tokio::sync::watch::Receiver<Option<String>>>) -> String {
+    match dead {
+        Some(d) => match d.wait_for(|r| r.is_some()).await {
+            Ok(r) => r.clone().unwrap_or_default(),
+            Err(_) => std::future::pending().await,
+        },
+        None => std::future::pending().await,
+    }
+}
+
+/// Connect a tailnet tunnel's stream to a socketpair; return our end.
+fn bridge_tunnel(
+    tunnel: coder_tailnet::client::Tunnel,
+) -> std::io::Result<std::os::unix::net::UnixStream> {
+    let (ours, theirs) = std::os::unix::net::UnixStream::pair()?;
+    theirs.set_nonblocking(true)?;
+    let mut theirs = tokio::net::UnixStream::from_std(theirs)?;
+    tokio::spawn(async move {
+        let mut tunnel = tunnel;
+        match tokio::io::copy_bidirectional(&mut theirs, &mut tunnel.stream).await {
+            Ok((up, down)) => log::debug!("tailnet bridge done: {up} bytes up, {down} down"),
+            Err(e) => log::debug!("tailnet bridge ended: {e}"),
+        }
+        // Keep the tunnel (and its controller) alive until the copy ends.
+        drop(tunnel);
+    });
+    Ok(ours)
 }
 
 async fn wait_without_watch(done: &mut mpsc::UnboundedReceiver<End>, sigs: &mut Signals) -> Closed {

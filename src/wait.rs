@@ -9,7 +9,6 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Result};
-use tokio::net::TcpStream;
 
 use crate::cli::WaitMode;
 use crate::coderd::models::*;
@@ -18,7 +17,7 @@ use crate::coderd::{ApiError, Client};
 use crate::progress::{Progress, STILL_WAITING_EVERY};
 use crate::readiness::{decide, Decision, Policy, Stage};
 use crate::target::Target;
-use crate::tunnel::{DialTarget, Tunnel};
+use crate::tunnel::{AgentStream, DialTarget, Tunnel};
 
 /// Poll interval while the watch stream is healthy (a safety net only).
 const POLL_HEALTHY: Duration = Duration::from_secs(5);
@@ -44,7 +43,7 @@ pub struct Connected {
     pub workspace: Workspace,
     pub agent_id: String,
     pub agent_name: String,
-    pub stream: TcpStream,
+    pub stream: AgentStream,
     /// The watch subscription, handed on to watch-and-close.
     pub watch: tokio::sync::watch::Receiver<WatchState>,
 }

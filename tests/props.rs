@@ -15,15 +15,22 @@ use coder_proxy::settings::{parse_header, parse_url};
 use coder_proxy::target::{self, Target};
 use proptest::prelude::*;
 use proptest::sample::Index;
+use proptest::test_runner::FileFailurePersistence;
 use serde_json::{json, Value};
 
 /// `cases` unless `PROPTEST_CASES` is set (which the default config reads).
+/// A failing input is saved in `tests/props.proptest-regressions` and
+/// replayed first on every later run.
 fn config(cases: u32) -> ProptestConfig {
-    if std::env::var_os("PROPTEST_CASES").is_some() {
+    let mut c = if std::env::var_os("PROPTEST_CASES").is_some() {
         ProptestConfig::default()
     } else {
         ProptestConfig::with_cases(cases)
-    }
+    };
+    c.failure_persistence = Some(Box::new(FileFailurePersistence::WithSource(
+        "proptest-regressions",
+    )));
+    c
 }
 
 // ---------------------------------------------------------------------------

@@ -124,6 +124,9 @@ pub struct Client {
     timeout: Duration,
     /// The session token, to scrub from text the server sends back.
     scrub: Option<crate::settings::Secret>,
+    /// Token and `--header`s, for connections reqwest does not make
+    /// (websocket and DERP upgrades).
+    upgrade_headers: Vec<(HeaderName, HeaderValue)>,
 }
 
 impl fmt::Debug for Client {
@@ -148,7 +151,7 @@ impl Client {
             headers.insert(HeaderName::from_static("coder-session-token"), v);
         }
         let http = reqwest::Client::builder()
-            .default_headers(headers)
+            .default_headers(headers.clone())
             .user_agent(concat!("coder-proxy/", env!("CARGO_PKG_VERSION")))
             .connect_timeout(CONNECT_TIMEOUT)
             .redirect(same_origin_redirects())
@@ -160,6 +163,10 @@ impl Client {
             base: settings.url.clone(),
             timeout: request_timeout(),
             scrub: settings.token.clone().filter(|t| t.expose().len() >= 4),
+            upgrade_headers: headers
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
         })
     }
 
@@ -434,6 +441,23 @@ impl Client {
             ))
             .await?;
         Ok(v.unwrap_or_default())
+    }
+
+    /// Token and extra headers for websocket and DERP upgrades.
+    pub fn upgrade_headers(&self) -> &[(HeaderName, HeaderValue)] {
+        &self.upgrade_headers
+    }
+
+    /// `GET /api/v2/workspaceagents/{id}/connection`: the DERP map.
+    pub async fn agent_connection_info(
+        &self,
+        agent: &str,
+    ) -> Result<coder_tailnet::derpmap::ConnectionInfo, ApiError> {
+        self.get_json(&format!(
+            "/api/v2/workspaceagents/{}/connection",
+            seg(agent)
+        ))
+        .await
     }
 
     /// `GET /api/v2/workspaceagents/connection`.

@@ -5,6 +5,8 @@
 //! none of them knows anything about SSH.
 
 pub mod coder_connect;
+pub mod net;
+pub mod tailnet;
 pub mod tcp;
 
 use std::time::Duration;
@@ -23,6 +25,14 @@ pub struct DialTarget {
     pub agent_id: String,
 }
 
+/// A byte stream to the agent's SSH server.
+pub enum AgentStream {
+    /// A kernel TCP connection (tcp:// and Coder Connect).
+    Tcp(TcpStream),
+    /// A TCP connection inside our own WireGuard tunnel.
+    Tailnet(coder_tailnet::client::Tunnel),
+}
+
 /// Bound on one TCP connect.
 pub const DIAL_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -33,7 +43,7 @@ pub enum Tunnel {
     Tcp(tcp::Template),
     /// Coder Connect only (fail if it is not running).
     CoderConnect,
-    /// The native tailnet transport (not built yet).
+    /// The native tailnet transport (DERP + WireGuard).
     Tailnet,
     /// Coder Connect when present, else tailnet.
     Auto,
@@ -55,31 +65,28 @@ impl Tunnel {
     }
 
     /// Open a stream to the agent's SSH server.
-    pub async fn dial(&self, client: &Client, t: &DialTarget) -> Result<TcpStream> {
+    pub async fn dial(&self, client: &Client, t: &DialTarget) -> Result<AgentStream> {
         match self {
-            Tunnel::Tcp(tpl) => tpl.dial(t).await,
+            Tunnel::Tcp(tpl) => tpl.dial(t).await.map(AgentStream::Tcp),
             Tunnel::CoderConnect => match coder_connect::find(client, t).await? {
-                Some(addr) => coder_connect::dial(addr).await,
+                Some(addr) => coder_connect::dial(addr).await.map(AgentStream::Tcp),
                 None => bail!(
                     "Coder Connect is not serving {}; start Coder Desktop / 'coder vpn', or use --tunnel tcp://HOST:PORT",
                     coder_connect::hostname(t, "coder")
                 ),
             },
-            Tunnel::Tailnet => bail!(no_tailnet()),
-            Tunnel::Auto => match coder_connect::find(client, t).await? {
-                Some(addr) => {
+            Tunnel::Tailnet => tailnet::dial(client, t).await.map(AgentStream::Tailnet),
+            Tunnel::Auto => match coder_connect::find(client, t).await {
+                Ok(Some(addr)) => {
                     log::info!("using Coder Connect at [{addr}]:22");
-                    coder_connect::dial(addr).await
+                    coder_connect::dial(addr).await.map(AgentStream::Tcp)
                 }
-                None => bail!(
-                    "Coder Connect is not running and {}",
-                    no_tailnet()
-                ),
+                Ok(None) => tailnet::dial(client, t).await.map(AgentStream::Tailnet),
+                Err(e) => {
+                    log::debug!("Coder Connect check failed ({e:#}); using tailnet");
+                    tailnet::dial(client, t).await.map(AgentStream::Tailnet)
+                }
             },
         }
     }
-}
-
-fn no_tailnet() -> &'static str {
-    "the native tailnet transport is not available in this build yet; start Coder Connect (Coder Desktop or 'coder vpn'), or pass --tunnel tcp://HOST:PORT to reach the agent's SSH server directly (see README)"
 }

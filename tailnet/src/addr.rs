@@ -37,8 +37,7 @@ pub const TAILSCALE_SERVICE_PREFIX: ServicePrefix =
 
 /// `fd60:627a:a42b::/48` — Coder's own prefix; newest clients take their
 /// address here from the server-assigned peer ID.
-pub const CODER_SERVICE_PREFIX: ServicePrefix =
-    ServicePrefix([0xfd, 0x60, 0x62, 0x7a, 0xa4, 0x2b]);
+pub const CODER_SERVICE_PREFIX: ServicePrefix = ServicePrefix([0xfd, 0x60, 0x62, 0x7a, 0xa4, 0x2b]);
 
 /// The single fixed address very old agents used (still accepted from
 /// agents by the coordinator).

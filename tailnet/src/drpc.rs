@@ -244,7 +244,7 @@ fn parse_frame(buf: &[u8], max_data: usize) -> Result<Option<FrameHead>, DrpcErr
         return Ok(None);
     };
     let mut pos = 1;
-    let mut next = |pos: &mut usize| -> Result<Option<u64>, DrpcError> {
+    let next = |pos: &mut usize| -> Result<Option<u64>, DrpcError> {
         match read_varint(&buf[*pos..]).map_err(|e| protocol(e.to_string()))? {
             Some((v, n)) => {
                 *pos += n;
@@ -265,7 +265,11 @@ fn parse_frame(buf: &[u8], max_data: usize) -> Result<Option<FrameHead>, DrpcErr
     let data_len = usize::try_from(len)
         .ok()
         .filter(|&l| l <= max_data)
-        .ok_or_else(|| protocol(format!("frame of {len} bytes exceeds the {max_data}-byte limit")))?;
+        .ok_or_else(|| {
+            protocol(format!(
+                "frame of {len} bytes exceeds the {max_data}-byte limit"
+            ))
+        })?;
     if buf.len() - pos < data_len {
         return Ok(None);
     }

@@ -10,9 +10,12 @@
 //! websocket), [`drpc`] (storj dRPC framing, one RPC per yamux stream),
 //! [`proto`] (tailnet v2 protobuf messages), [`derp`] (the DERP relay
 //! protocol, client and server sides).
-pub mod wg;
 pub mod addr;
+pub mod client;
 pub mod derp;
-pub mod proto;
-pub mod yamux;
+pub mod derpmap;
 pub mod drpc;
+pub mod proto;
+pub mod wg;
+pub mod ws;
+pub mod yamux;

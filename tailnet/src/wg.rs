@@ -401,7 +401,9 @@ impl Engine {
     async fn flush_handshake(&mut self) -> Result<(), String> {
         if matches!(self.cfg.role, Role::Connect { .. }) {
             let mut buf = std::mem::take(&mut self.buf);
-            if let TunnResult::WriteToNetwork(p) = self.tunn.format_handshake_initiation(&mut buf, false) {
+            if let TunnResult::WriteToNetwork(p) =
+                self.tunn.format_handshake_initiation(&mut buf, false)
+            {
                 self.send_out(p).await;
             }
             self.buf = buf;
@@ -537,7 +539,10 @@ impl Engine {
         }
         let mut i = 0;
         while i < self.conns.len() {
-            let state = self.sockets.get::<tcp::Socket>(self.conns[i].handle).state();
+            let state = self
+                .sockets
+                .get::<tcp::Socket>(self.conns[i].handle)
+                .state();
             let c = &mut self.conns[i];
             if !c.announced && state == tcp::State::Established {
                 c.announced = true;
@@ -631,7 +636,9 @@ mod tests {
             .expect("connect timed out")
             .expect("engine ended");
         let (mut rd, mut wr) = tokio::io::split(stream);
-        let data: Vec<u8> = (0..4 * 1024 * 1024u32).map(|i| (i * 7 + i / 251) as u8).collect();
+        let data: Vec<u8> = (0..4 * 1024 * 1024u32)
+            .map(|i| (i * 7 + i / 251) as u8)
+            .collect();
         let send = data.clone();
         let writer = tokio::spawn(async move {
             wr.write_all(&send).await.unwrap();

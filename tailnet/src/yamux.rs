@@ -712,10 +712,7 @@ struct Fail(Error, Option<u32>);
 
 impl Fail {
     fn protocol(msg: impl Into<String>) -> Fail {
-        Fail(
-            Error::Protocol(msg.into()),
-            Some(go_away::PROTOCOL_ERROR),
-        )
+        Fail(Error::Protocol(msg.into()), Some(go_away::PROTOCOL_ERROR))
     }
 }
 
@@ -969,8 +966,12 @@ impl Stream {
         let mut g = self.shared.lock();
         if g.streams.remove(&self.id).is_some() && g.closed.is_none() {
             // Ordered, so it cannot overtake our own SYN.
-            g.ordered
-                .push_back(header_frame(FrameType::WindowUpdate, flags::RST, self.id, 0));
+            g.ordered.push_back(header_frame(
+                FrameType::WindowUpdate,
+                flags::RST,
+                self.id,
+                0,
+            ));
             drop(g);
             self.shared.write_notify.notify_one();
         }
@@ -1013,9 +1014,12 @@ impl AsyncRead for Stream {
                 let delta = max.saturating_sub(buffered).saturating_sub(st.recv_window);
                 if delta >= max / 2 {
                     st.recv_window += delta;
-                    inner
-                        .urgent
-                        .push_back(header_frame(FrameType::WindowUpdate, 0, self.id, delta));
+                    inner.urgent.push_back(header_frame(
+                        FrameType::WindowUpdate,
+                        0,
+                        self.id,
+                        delta,
+                    ));
                     drop(g);
                     shared.write_notify.notify_one();
                 }
@@ -1068,10 +1072,7 @@ impl AsyncWrite for Stream {
             st.write_waker = Some(cx.waker().clone());
             return Poll::Pending;
         }
-        let n = buf
-            .len()
-            .min(st.send_window as usize)
-            .min(MAX_DATA_FRAME);
+        let n = buf.len().min(st.send_window as usize).min(MAX_DATA_FRAME);
         // n <= send_window, a u32.
         st.send_window -= n as u32;
         inner.ordered.push_back(data_frame(self.id, &buf[..n]));
@@ -1101,9 +1102,12 @@ impl AsyncWrite for Stream {
         }
         if !st.local_fin {
             st.local_fin = true;
-            inner
-                .ordered
-                .push_back(header_frame(FrameType::WindowUpdate, flags::FIN, self.id, 0));
+            inner.ordered.push_back(header_frame(
+                FrameType::WindowUpdate,
+                flags::FIN,
+                self.id,
+                0,
+            ));
             drop(g);
             shared.write_notify.notify_one();
         }
@@ -1124,18 +1128,24 @@ impl Drop for Stream {
         }
         if !st.local_fin {
             st.local_fin = true;
-            inner
-                .ordered
-                .push_back(header_frame(FrameType::WindowUpdate, flags::FIN, self.id, 0));
+            inner.ordered.push_back(header_frame(
+                FrameType::WindowUpdate,
+                flags::FIN,
+                self.id,
+                0,
+            ));
         }
         if st.remote_fin {
             inner.streams.remove(&self.id);
         } else if st.recv_window == 0 {
             // The peer is blocked on a window we will never reopen.
             inner.streams.remove(&self.id);
-            inner
-                .ordered
-                .push_back(header_frame(FrameType::WindowUpdate, flags::RST, self.id, 0));
+            inner.ordered.push_back(header_frame(
+                FrameType::WindowUpdate,
+                flags::RST,
+                self.id,
+                0,
+            ));
         } else {
             st.orphan = true;
             st.recv_buf.clear();

@@ -61,7 +61,10 @@ fn client_addresses() {
 fn zero_runs_compress_like_go() {
     // Prefix bytes then zeros: RFC 5952 compression, as Go's netip prints.
     let z = PeerId([0; 16]);
-    assert_eq!(CODER_SERVICE_PREFIX.prefix_from_uuid(&z), "fd60:627a:a42b::/128");
+    assert_eq!(
+        CODER_SERVICE_PREFIX.prefix_from_uuid(&z),
+        "fd60:627a:a42b::/128"
+    );
     let mut b = [0u8; 16];
     b[15] = 1;
     assert_eq!(

@@ -109,7 +109,10 @@ fn check<M: Message + Default + PartialEq + std::fmt::Debug>(
 }
 
 fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect::<Vec<_>>().join(" ")
+    b.iter()
+        .map(|x| format!("{x:02x}"))
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 fn key() -> NodePublic {
@@ -219,16 +222,12 @@ fn protoc_coordinate_request() {
         add_tunnel: Some(Tunnel {
             id: uuid().to_vec(),
         }),
-        remove_tunnel: Some(Tunnel {
-            id: other.to_vec(),
-        }),
+        remove_tunnel: Some(Tunnel { id: other.to_vec() }),
         ready_for_handshake: vec![
             ReadyForHandshake {
                 id: uuid().to_vec(),
             },
-            ReadyForHandshake {
-                id: other.to_vec(),
-            },
+            ReadyForHandshake { id: other.to_vec() },
         ],
     };
     let text = format!(
@@ -246,9 +245,15 @@ ready {{ uuid: "{o}" }}
     check(&protoc, "Ask", &text, &req, true);
 
     for (r, t) in [
-        (CoordinateRequest::add_tunnel(uuid()), format!("open {{ uuid: \"{}\" }}", esc(uuid().as_bytes()))),
+        (
+            CoordinateRequest::add_tunnel(uuid()),
+            format!("open {{ uuid: \"{}\" }}", esc(uuid().as_bytes())),
+        ),
         (CoordinateRequest::disconnect(), "bye {}".to_string()),
-        (CoordinateRequest::update_self(Node::default()), "self_update { peer {} }".to_string()),
+        (
+            CoordinateRequest::update_self(Node::default()),
+            "self_update { peer {} }".to_string(),
+        ),
     ] {
         check(&protoc, "Ask", &t, &r, true);
     }
@@ -360,9 +365,7 @@ areas {{ key: 999 value {{ id: 999 embedded: true code: "coder" name: "Coder Emb
             ..DerpRegion::default()
         },
     );
-    let text2 = format!(
-        "{text}\nareas {{ key: 10001 value {{ id: 10001 code: \"proxy\" }} }}\n"
-    );
+    let text2 = format!("{text}\nareas {{ key: 10001 value {{ id: 10001 code: \"proxy\" }} }}\n");
     check(&protoc, "Relays", &text2, &two, false);
 }
 

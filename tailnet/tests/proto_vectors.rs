@@ -145,7 +145,10 @@ fn coordinate_request_vectors() {
     assert_eq!(CoordinateRequest::remove_tunnel(id).encode_to_vec(), want);
 
     // disconnect: 12 00
-    assert_eq!(CoordinateRequest::disconnect().encode_to_vec(), vec![0x12, 0x00]);
+    assert_eq!(
+        CoordinateRequest::disconnect().encode_to_vec(),
+        vec![0x12, 0x00]
+    );
 
     // ready_for_handshake x2: 2a 12 { 0a 10 <16> } twice
     let want = cat(&[&[0x2a, 0x12, 0x0a, 0x10], &u, &[0x2a, 0x12, 0x0a, 0x10], &u]);
@@ -204,9 +207,7 @@ fn coordinate_response_vectors() {
 fn unknown_kinds_and_fields_are_tolerated() {
     // kind = 9 (unknown enum value), plus an unknown field 15 (varint 7)
     // inside the update and an unknown field 9 (string) at top level.
-    let wire = vec![
-        0x0a, 0x04, 0x18, 0x09, 0x78, 0x07, 0x4a, 0x01, b'z',
-    ];
+    let wire = vec![0x0a, 0x04, 0x18, 0x09, 0x78, 0x07, 0x4a, 0x01, b'z'];
     let resp = CoordinateResponse::decode(&wire[..]).unwrap();
     assert_eq!(resp.peer_updates[0].kind, 9);
     assert_eq!(resp.peer_updates[0].kind(), PeerUpdateKind::Unspecified);
@@ -227,7 +228,11 @@ fn peer_update_with_node() {
         reason: String::new(),
     };
     // 0a 10 <16>, 12 03 { 28 e7 07 }, 18 01
-    let want = cat(&[&[0x0a, 0x10], &u, &[0x12, 0x03, 0x28, 0xe7, 0x07, 0x18, 0x01]]);
+    let want = cat(&[
+        &[0x0a, 0x10],
+        &u,
+        &[0x12, 0x03, 0x28, 0xe7, 0x07, 0x18, 0x01],
+    ]);
     assert_eq!(pu.encode_to_vec(), want);
 }
 
@@ -248,7 +253,9 @@ fn refresh_resume_token_vectors() {
     };
     // 0a 01 "t"; 12 03 { 08 88 0e } (1800); 1a 02 { 08 01 }; 22 10 <16>
     let want = cat(&[
-        &[0x0a, 0x01, b't', 0x12, 0x03, 0x08, 0x88, 0x0e, 0x1a, 0x02, 0x08, 0x01, 0x22, 0x10],
+        &[
+            0x0a, 0x01, b't', 0x12, 0x03, 0x08, 0x88, 0x0e, 0x1a, 0x02, 0x08, 0x01, 0x22, 0x10,
+        ],
         &u,
     ]);
     assert_eq!(r.encode_to_vec(), want);
@@ -286,7 +293,9 @@ fn derp_node_vector() {
         &[0x1a, 0x09],
         b"localhost",
         // stun_port -1: int32 negatives are sign-extended 10-byte varints
-        &[0x38, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x01],
+        &[
+            0x38, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x01,
+        ],
         // derp_port 3000 = b8 17
         &[0x48, 0xb8, 0x17],
         // force_http (11) → 0x58, can_port_80 (13) → 0x68
@@ -338,7 +347,10 @@ fn peer_id_text_and_bytes() {
         PeerId::parse("AAAAAAAA-AAAA-AAAA-AAAA-123456789ABC").unwrap(),
         id
     );
-    assert_eq!(PeerId::parse("aaaaaaaaaaaaaaaaaaaa123456789abc").unwrap(), id);
+    assert_eq!(
+        PeerId::parse("aaaaaaaaaaaaaaaaaaaa123456789abc").unwrap(),
+        id
+    );
     assert_eq!(
         PeerId::parse("{aaaaaaaa-aaaa-aaaa-aaaa-123456789abc}").unwrap(),
         id

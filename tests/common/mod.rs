@@ -362,6 +362,13 @@ async fn serve_one(
         if let Some(i) = got.windows(4).position(|w| w == b"\r\n\r\n") {
             break i + 4;
         }
+        // A TLS ClientHello: answer as a plain HTTP server would.
+        if got.first() == Some(&0x16) {
+            let _ = s
+                .write_all(&http_response(400, "text/plain", b"Bad Request\n"))
+                .await;
+            return;
+        }
         match s.read(&mut buf).await {
             Ok(0) | Err(_) => return,
             Ok(n) => got.extend_from_slice(&buf[..n]),

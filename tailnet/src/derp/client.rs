@@ -362,17 +362,19 @@ impl DerpSender {
 impl<S: AsyncRead> DerpReceiver<S> {
     /// The next event. Pings are answered before they are returned;
     /// unknown frame types and malformed known frames are skipped (logged
-    /// at debug). Cancel-safe. `Err(Closed)` on EOF.
+    /// at debug). Cancel-safe. `Err(Closed)` on EOF; I/O errors and frames
+    /// over 1 MiB are fatal.
     pub async fn recv(&mut self) -> Result<Event, DerpError> {
         loop {
             let (k, payload) = self.reader.expect_frame(CLIENT_MAX_FRAME_LEN).await?;
             let frame = match Frame::decode(k, &payload) {
                 Ok(f) => f,
-                Err(DerpError::Malformed { kind, reason }) => {
-                    log::debug!("derp: dropping malformed frame {kind:#04x}: {reason}");
+                Err(e) => {
+                    // Like Tailscale's client: a bad frame of a known type is
+                    // dropped, not fatal (e.g. a short packet, a stray greeting).
+                    log::debug!("derp: dropping frame {k:#04x}: {e}");
                     continue;
                 }
-                Err(e) => return Err(e),
             };
             return Ok(match frame {
                 Frame::RecvPacket { src, data } => Event::Packet { src, data },
@@ -430,7 +432,10 @@ fn is_known(k: u8) -> bool {
 /// Owns the write half: writes queued frames, flushing once the queue is
 /// momentarily empty. Ends (closing the write side) when every sender is
 /// dropped or a write fails; senders then see [`DerpError::Closed`].
-pub(crate) async fn write_loop<W: AsyncWrite>(mut w: WriteHalf<W>, mut rx: mpsc::Receiver<Vec<u8>>) {
+pub(crate) async fn write_loop<W: AsyncWrite>(
+    mut w: WriteHalf<W>,
+    mut rx: mpsc::Receiver<Vec<u8>>,
+) {
     while let Some(first) = rx.recv().await {
         let mut res = w.write_all(&first).await;
         while res.is_ok() {

@@ -85,24 +85,49 @@ impl PeerGoneReason {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Frame {
     /// Server greeting: magic + server key (+ bytes reserved for future use).
-    ServerKey { key: NodePublic, extra: Vec<u8> },
+    ServerKey {
+        key: NodePublic,
+        extra: Vec<u8>,
+    },
     /// Client login: its key and `nonce | box(JSON)` sealed to the server.
-    ClientInfo { key: NodePublic, sealed: Vec<u8> },
+    ClientInfo {
+        key: NodePublic,
+        sealed: Vec<u8>,
+    },
     /// Server reply: `nonce | box(JSON)` sealed to the client.
-    ServerInfo { sealed: Vec<u8> },
-    SendPacket { dst: NodePublic, data: Vec<u8> },
-    RecvPacket { src: NodePublic, data: Vec<u8> },
+    ServerInfo {
+        sealed: Vec<u8>,
+    },
+    SendPacket {
+        dst: NodePublic,
+        data: Vec<u8>,
+    },
+    RecvPacket {
+        src: NodePublic,
+        data: Vec<u8>,
+    },
     KeepAlive,
     NotePreferred(bool),
-    PeerGone { peer: NodePublic, reason: PeerGoneReason },
-    PeerPresent { peer: NodePublic },
+    PeerGone {
+        peer: NodePublic,
+        reason: PeerGoneReason,
+    },
+    PeerPresent {
+        peer: NodePublic,
+    },
     Ping([u8; 8]),
     Pong([u8; 8]),
     /// Connection health problem; empty text clears it.
     Health(String),
-    Restarting { reconnect_in: Duration, try_for: Duration },
+    Restarting {
+        reconnect_in: Duration,
+        try_for: Duration,
+    },
     /// Any other type (mesh frames, future frames), kept raw.
-    Unknown { kind: u8, payload: Vec<u8> },
+    Unknown {
+        kind: u8,
+        payload: Vec<u8>,
+    },
 }
 
 impl Frame {
@@ -174,10 +199,7 @@ impl Frame {
     /// are errors ([`DerpError::Malformed`]); receivers may skip them, as
     /// Tailscale's client does. Unknown types decode to [`Frame::Unknown`].
     pub fn decode(kind: u8, payload: &[u8]) -> Result<Frame, DerpError> {
-        let short = |what: &'static str| DerpError::Malformed {
-            kind,
-            reason: what,
-        };
+        let short = |what: &'static str| DerpError::Malformed { kind, reason: what };
         let key_at = |b: &[u8]| NodePublic::from_slice(&b[..KEY_LEN]);
         Ok(match kind {
             kind::SERVER_KEY => {
@@ -236,7 +258,9 @@ impl Frame {
                 // Older servers sent no reason byte: that means "disconnected".
                 let reason = payload
                     .get(KEY_LEN)
-                    .map_or(PeerGoneReason::Disconnected, |b| PeerGoneReason::from_byte(*b));
+                    .map_or(PeerGoneReason::Disconnected, |b| {
+                        PeerGoneReason::from_byte(*b)
+                    });
                 Frame::PeerGone {
                     peer: key_at(payload).map_err(|_| short("bad key"))?,
                     reason,

@@ -115,7 +115,9 @@ where
         let want = chunk.len().min(MAX_RESPONSE_HEAD + 4 - buf.len());
         let n = io.read(&mut chunk[..want]).await?;
         if n == 0 {
-            return Err(UpgradeError::BadResponse("connection closed before the response head ended"));
+            return Err(UpgradeError::BadResponse(
+                "connection closed before the response head ended",
+            ));
         }
         buf.extend_from_slice(&chunk[..n]);
     };
@@ -136,7 +138,9 @@ where
     };
     let upgrade_ok = header("Upgrade").is_some_and(|v| v.eq_ignore_ascii_case("derp"));
     if !upgrade_ok {
-        return Err(UpgradeError::BadResponse("101 response without `Upgrade: DERP`"));
+        return Err(UpgradeError::BadResponse(
+            "101 response without `Upgrade: DERP`",
+        ));
     }
     let resp = UpgradeResponse {
         derp_version: header("Derp-Version").and_then(|v| v.trim().parse().ok()),
@@ -305,7 +309,9 @@ where
         let want = chunk.len().min(MAX_RESPONSE_HEAD + 4 - buf.len());
         let n = io.read(&mut chunk[..want]).await?;
         if n == 0 {
-            return Err(UpgradeError::BadResponse("connection closed before the request head ended"));
+            return Err(UpgradeError::BadResponse(
+                "connection closed before the request head ended",
+            ));
         }
         buf.extend_from_slice(&chunk[..n]);
     };

@@ -1,0 +1,1396 @@
+//! The performance suite (issue 5): start-up, reaction, throughput, weight
+//! and CPU cost of coder-proxy, each next to a baseline measured in the same
+//! run. `cargo bench --bench suite` (or `scripts/bench.sh`) builds the
+//! release binary, starts coder-sim with a real `sshd -i` behind the agent
+//! (the embedded russh server when sshd is missing), runs every measurement
+//! several times with proxy and baseline runs interleaved, prints a markdown
+//! table of medians with min–max, and writes it into `docs/PERFORMANCE.md`
+//! between the `BEGIN RESULTS`/`END RESULTS` markers.
+//!
+//! Knobs (environment): `BENCH_RUNS` (runs per latency/weight measurement,
+//! default 9), `BENCH_XFER_RUNS` (runs per transfer, default 3),
+//! `BENCH_XFER_MIB` (bytes per transfer, default 1024), `BENCH_SESSIONS`
+//! (concurrent sessions, default 50), `BENCH_ONLY` (comma list of
+//! `startup,reaction,throughput,weight`), `BENCH_NO_WRITE=1` (print only),
+//! `BENCH_DOC` (where to write, default `docs/PERFORMANCE.md`).
+//!
+//! Not part of `cargo test`: bench targets only build under `cargo bench`
+//! (and `clippy --all-targets`).
+
+use std::fs::File;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use coder_sim::{AgentSpec, AgentStatus, Sim, SimOptions, SshBackend, WorkspaceSpec};
+
+const PROXY: &str = env!("CARGO_BIN_EXE_coder-proxy");
+const TAILNET_NA: &str = "n/a — transport not built yet (issue 4)";
+const GIB: f64 = (1u64 << 30) as f64;
+const MIB: f64 = (1u64 << 20) as f64;
+/// Buffer of socat baselines (`-b`): default socat's 8 KiB blocks prove little.
+const SOCAT_BUF: &str = "262144";
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    if args.get(1).map(String::as_str) == Some("__wrap") {
+        wrap(&args[2..]);
+    }
+    let cfg = Config::from_env();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    let _enter = rt.enter();
+    let bench = Bench::start(&rt, &cfg);
+    let load_before = read_trim("/proc/loadavg");
+    let mut rows = Vec::new();
+    if cfg.wants("startup") {
+        eprintln!("== start-up");
+        bench.startup(&mut rows);
+    }
+    if cfg.wants("reaction") {
+        eprintln!("== reaction");
+        bench.reaction(&mut rows);
+    }
+    let mut weight = Weight::default();
+    if cfg.wants("throughput") {
+        eprintln!("== throughput");
+        bench.throughput(&mut rows, &mut weight);
+    }
+    if cfg.wants("weight") {
+        eprintln!("== weight");
+        bench.weight(&mut rows, &weight);
+    }
+    let load_after = read_trim("/proc/loadavg");
+    let table = render(&rows);
+    let machine = bench.machine(&load_before, &load_after);
+    println!("\n{machine}\n{table}");
+    bench.sim.shutdown();
+    if std::env::var("BENCH_NO_WRITE").as_deref() != Ok("1") {
+        let doc = std::env::var("BENCH_DOC")
+            .unwrap_or_else(|_| format!("{}/docs/PERFORMANCE.md", env!("CARGO_MANIFEST_DIR")));
+        match write_doc(Path::new(&doc), &machine, &table, &cfg) {
+            Ok(()) => eprintln!("wrote {doc}"),
+            Err(e) => eprintln!("cannot write {doc}: {e}"),
+        }
+    }
+}
+
+// ----- configuration ---------------------------------------------------------
+
+struct Config {
+    runs: usize,
+    xfer_runs: usize,
+    xfer_bytes: u64,
+    sessions: usize,
+    only: Option<Vec<String>>,
+}
+
+impl Config {
+    fn from_env() -> Config {
+        let num = |k: &str, d: u64| -> u64 {
+            std::env::var(k)
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(d)
+        };
+        Config {
+            runs: num("BENCH_RUNS", 9).max(1) as usize,
+            xfer_runs: num("BENCH_XFER_RUNS", 3).max(1) as usize,
+            xfer_bytes: num("BENCH_XFER_MIB", 1024).max(1) << 20,
+            sessions: num("BENCH_SESSIONS", 50).max(1) as usize,
+            only: std::env::var("BENCH_ONLY")
+                .ok()
+                .filter(|s| !s.trim().is_empty())
+                .map(|s| s.split(',').map(|p| p.trim().to_string()).collect()),
+        }
+    }
+
+    fn wants(&self, part: &str) -> bool {
+        self.only
+            .as_ref()
+            .is_none_or(|o| o.iter().any(|p| p == part))
+    }
+}
+
+// ----- the environment: coder-sim, sshd, a logged-in config dir --------------
+
+struct Bench {
+    sim: Sim,
+    backend: SshBackend,
+    cfg_dir: PathBuf,
+    _tmp: tempfile::TempDir,
+    tmp: PathBuf,
+    /// `tcp://` address of agent `dev` of the running workspace `dev`.
+    agent: SocketAddr,
+    key: Option<PathBuf>,
+    cipher: &'static str,
+    runs: usize,
+    xfer_runs: usize,
+    xfer_bytes: u64,
+    sessions: usize,
+    nc: Option<&'static str>,
+}
+
+impl Bench {
+    fn start(rt: &tokio::runtime::Runtime, cfg: &Config) -> Bench {
+        let backend = if Path::new(coder_sim::sshd::SSHD_PATH).is_file() {
+            SshBackend::OpenSsh
+        } else {
+            eprintln!(
+                "NOTE: {} not found; falling back to the embedded russh server (install openssh-server for comparable numbers)",
+                coder_sim::sshd::SSHD_PATH
+            );
+            SshBackend::Embedded
+        };
+        for tool in ["ssh", "socat"] {
+            if !have(tool) {
+                panic!("{tool} is required: apt-get install openssh-client socat (scripts/bench.sh does it)");
+            }
+        }
+        let sim = rt
+            .block_on(Sim::start(SimOptions {
+                ssh: backend,
+                ..Default::default()
+            }))
+            .expect("start coder-sim");
+        rt.block_on(sim.add_workspace(WorkspaceSpec::new("dev")))
+            .expect("add workspace dev");
+        // Reaction: an agent that stays `connecting` until the bench says so.
+        rt.block_on(
+            sim.add_workspace(
+                WorkspaceSpec::new("react").agent(
+                    AgentSpec::new("dev")
+                        .never_connects()
+                        .connection_timeout(Duration::ZERO),
+                ),
+            ),
+        )
+        .expect("add workspace react");
+        let tmp_dir = tempfile::Builder::new()
+            .prefix("coder-proxy-bench-")
+            .tempdir()
+            .expect("tempdir");
+        let tmp = tmp_dir.path().to_path_buf();
+        let cfg_dir = tmp.join("coderv2");
+        std::fs::create_dir_all(&cfg_dir).unwrap();
+        std::fs::write(cfg_dir.join("url"), format!("{}\n", sim.url())).unwrap();
+        std::fs::write(cfg_dir.join("session"), format!("{}\n", sim.token())).unwrap();
+        let agent = sim.agent_addr("dev", "dev").expect("agent address");
+        let key = sim.client_key_path("dev", "dev");
+        Bench {
+            sim,
+            backend,
+            cfg_dir,
+            _tmp: tmp_dir,
+            tmp,
+            agent,
+            key,
+            // russh has no aes128-gcm; both ends support aes256-gcm.
+            cipher: match backend {
+                SshBackend::OpenSsh => "aes128-gcm@openssh.com",
+                SshBackend::Embedded => "aes256-gcm@openssh.com",
+            },
+            runs: cfg.runs,
+            xfer_runs: cfg.xfer_runs,
+            xfer_bytes: cfg.xfer_bytes,
+            sessions: cfg.sessions,
+            nc: have("nc").then_some("nc"),
+        }
+    }
+
+    /// coder-proxy for workspace `dev`, dialing `tunnel`.
+    fn proxy_args(&self, tunnel: &str) -> Vec<String> {
+        vec![
+            "--global-config".into(),
+            self.cfg_dir.display().to_string(),
+            "--tunnel".into(),
+            tunnel.into(),
+        ]
+    }
+
+    fn proxy(&self, tunnel: &str, host: &str) -> Command {
+        let mut c = Command::new(PROXY);
+        c.args(self.proxy_args(tunnel))
+            .arg(host)
+            .env_remove("CODER_SESSION_TOKEN")
+            .env_remove("CODER_URL")
+            .env_remove("RUST_LOG");
+        c
+    }
+
+    /// The ProxyCommand line for coder-proxy to the agent, wrapped so its
+    /// rusage lands in `out` when given.
+    fn proxy_command(&self, out: Option<&Path>) -> String {
+        let inner = format!(
+            "{PROXY} {} %h",
+            self.proxy_args(&format!("tcp://{}", self.agent)).join(" ")
+        );
+        wrapped(&inner, out)
+    }
+
+    fn socat_command(&self, out: Option<&Path>) -> String {
+        wrapped(&format!("socat -b {SOCAT_BUF} - TCP:{}", self.agent), out)
+    }
+
+    fn nc_command(&self) -> String {
+        match self.nc {
+            Some(nc) => format!("{nc} {} {}", self.agent.ip(), self.agent.port()),
+            None => format!("socat - TCP:{}", self.agent),
+        }
+    }
+
+    fn nc_name(&self) -> &'static str {
+        if self.nc.is_some() {
+            "nc"
+        } else {
+            "socat"
+        }
+    }
+
+    fn ssh(&self, proxy_command: &str, remote: &str) -> Command {
+        let mut c = Command::new("ssh");
+        c.args([
+            "-F",
+            "/dev/null",
+            "-o",
+            "StrictHostKeyChecking=no",
+            "-o",
+            "UserKnownHostsFile=/dev/null",
+            "-o",
+            "LogLevel=ERROR",
+            "-o",
+            "BatchMode=yes",
+            "-o",
+            "ConnectTimeout=60",
+            "-o",
+            "User=root",
+            "-o",
+            "Compression=no",
+            "-c",
+            self.cipher,
+        ])
+        .arg("-o")
+        .arg(format!("ProxyCommand={proxy_command}"));
+        if let Some(k) = &self.key {
+            c.arg("-i").arg(k).args(["-o", "IdentitiesOnly=yes"]);
+        }
+        c.arg("dev.coder")
+            .arg(remote)
+            .env_remove("CODER_SESSION_TOKEN")
+            .env_remove("CODER_URL");
+        c
+    }
+
+    // ----- 1. start-up ---------------------------------------------------------
+
+    fn startup(&self, rows: &mut Vec<Row>) {
+        // Process start → first API request bytes on a raw listener.
+        let api = TcpListener::bind("127.0.0.1:0").unwrap();
+        let api_addr = api.local_addr().unwrap();
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || first_bytes_server(api, tx));
+        let req = self.tmp.join("request.txt");
+        std::fs::write(&req, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+        let empty_cfg = self.tmp.join("empty-config");
+        std::fs::create_dir_all(&empty_cfg).unwrap();
+        let mut ours = Vec::new();
+        let mut base = Vec::new();
+        for i in 0..self.runs {
+            for which in order(i) {
+                drain(&rx);
+                let t0 = Instant::now();
+                let mut child = if which == 0 {
+                    let mut c = Command::new(PROXY);
+                    c.arg("--global-config")
+                        .arg(&empty_cfg)
+                        .arg("--url")
+                        .arg(format!("http://{api_addr}"))
+                        .args(["--tunnel", "tcp://127.0.0.1:9", "dev.coder"])
+                        .env("CODER_SESSION_TOKEN", "bench-token")
+                        .env_remove("CODER_URL")
+                        .env_remove("RUST_LOG");
+                    c
+                } else {
+                    let mut c = Command::new("socat");
+                    c.arg("-u")
+                        .arg(format!("FILE:{}", req.display()))
+                        .arg(format!("TCP:{api_addr}"));
+                    c
+                }
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("spawn");
+                let t1: Instant = rx
+                    .recv_timeout(Duration::from_secs(10))
+                    .expect("no request within 10 s");
+                let _ = child.kill();
+                let _ = child.wait();
+                let v = ms(t1 - t0);
+                if which == 0 { &mut ours } else { &mut base }.push(v);
+            }
+        }
+        rows.push(Row::measured(
+            "1. Start-up",
+            "process start → first API request (tcp://)",
+            "ms",
+            &ours,
+            "socat (exec + connect + send)",
+            &base,
+            Delta::Plus,
+            Target::AtMost(5.0),
+        ));
+
+        // Process start → first SSH byte from the agent (sshd's banner).
+        let tunnel = format!("tcp://{}", self.agent);
+        let mut ours = Vec::new();
+        let mut base = Vec::new();
+        for i in 0..self.runs {
+            for which in order(i) {
+                let cmd = if which == 0 {
+                    self.proxy(&tunnel, "dev.coder")
+                } else {
+                    shell(&self.nc_command())
+                };
+                let v = first_stdout_byte(cmd);
+                if which == 0 { &mut ours } else { &mut base }.push(v);
+            }
+        }
+        rows.push(Row::measured(
+            "1. Start-up",
+            "process start → first SSH byte, running workspace (tcp://)",
+            "ms",
+            &ours,
+            &format!("{} straight to the agent", self.nc_name()),
+            &base,
+            Delta::Plus,
+            Target::OverheadAtMost(20.0),
+        ));
+
+        // What users feel: `ssh host true`.
+        let mut ours = Vec::new();
+        let mut base = Vec::new();
+        for i in 0..self.runs {
+            for which in order(i) {
+                let pc = if which == 0 {
+                    self.proxy_command(None)
+                } else {
+                    self.nc_command()
+                };
+                let mut c = self.ssh(&pc, "true");
+                c.stdin(Stdio::null())
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::piped());
+                let t0 = Instant::now();
+                let out = c.output().expect("ssh");
+                let v = ms(t0.elapsed());
+                assert!(
+                    out.status.success(),
+                    "ssh true failed: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+                if which == 0 { &mut ours } else { &mut base }.push(v);
+            }
+        }
+        rows.push(Row::measured(
+            "1. Start-up",
+            "`ssh host true`, first command done (tcp://)",
+            "ms",
+            &ours,
+            &format!("ssh -o ProxyCommand='{} %h %p'", self.nc_name()),
+            &base,
+            Delta::Plus,
+            Target::None,
+        ));
+        rows.push(Row::na(
+            "1. Start-up",
+            "process start → first SSH byte (tailnet)",
+        ));
+    }
+
+    // ----- 2. reaction -----------------------------------------------------------
+
+    fn reaction(&self, rows: &mut Vec<Row>) {
+        let ws_id = self.sim.workspace_id("react").expect("workspace react");
+        let (sse_tx, sse_rx) = mpsc::channel();
+        let api: SocketAddr = self
+            .sim
+            .url()
+            .trim_start_matches("http://")
+            .parse()
+            .unwrap();
+        let token = self.sim.token();
+        std::thread::spawn(move || raw_watch(api, &ws_id, &token, sse_tx));
+        let dial = TcpListener::bind("127.0.0.1:0").unwrap();
+        let dial_addr = dial.local_addr().unwrap();
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || accept_times(dial, tx));
+        let mut ours = Vec::new();
+        let mut base = Vec::new();
+        for _ in 0..self.runs {
+            self.sim
+                .set_agent_status("react", "dev", AgentStatus::Connecting);
+            std::thread::sleep(Duration::from_millis(100));
+            let before = self.sim.watch_subscribers();
+            let mut child = self
+                .proxy(&format!("tcp://{dial_addr}"), "react.coder")
+                .args(["--wait", "no"])
+                .stdin(Stdio::piped())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("spawn proxy");
+            let subscribed = wait_until(Duration::from_secs(10), || {
+                self.sim.watch_subscribers() > before
+            });
+            assert!(subscribed, "coder-proxy never opened the watch stream");
+            // Let it read the first snapshot and settle in its wait.
+            std::thread::sleep(Duration::from_millis(300));
+            drain(&rx);
+            drain(&sse_rx);
+            let t0 = Instant::now();
+            self.sim
+                .set_agent_status("react", "dev", AgentStatus::Connected);
+            let t1: Instant = rx
+                .recv_timeout(Duration::from_secs(20))
+                .expect("coder-proxy did not dial within 20 s");
+            ours.push(ms(t1 - t0));
+            // The same event as a bare SSE client sees it: the delivery floor.
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while let Ok((t, data)) =
+                sse_rx.recv_timeout(deadline.saturating_duration_since(Instant::now()))
+            {
+                if t >= t0 && data {
+                    base.push(ms(t - t0));
+                    break;
+                }
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+            wait_until(Duration::from_secs(5), || {
+                self.sim.watch_subscribers() <= before
+            });
+        }
+        self.sim
+            .set_agent_status("react", "dev", AgentStatus::Connecting);
+        rows.push(Row::measured(
+            "2. Reaction",
+            "agent `connected` in coder-sim → coder-proxy dials (tcp://)",
+            "ms",
+            &ours,
+            "raw SSE subscriber sees the event (coder CLI polls every 0.5–8 s)",
+            &base,
+            Delta::Plus,
+            Target::AtMost(100.0),
+        ));
+    }
+
+    // ----- 3. throughput (+ CPU per GiB, peak RSS during transfer) --------------
+
+    fn throughput(&self, rows: &mut Vec<Row>, weight: &mut Weight) {
+        let big = self.tmp.join("payload.bin");
+        {
+            // Sparse: reads as zeros from the page cache, costs no disk.
+            let f = File::create(&big).unwrap();
+            f.set_len(self.xfer_bytes).unwrap();
+        }
+        let gib = self.xfer_bytes as f64 / GIB;
+        let size = human_size(self.xfer_bytes);
+
+        // Through ssh, both directions.
+        for (dir, remote) in [
+            ("upload", "date +%s%N >&2; cat > /dev/null".to_string()),
+            ("download", format!("date +%s%N >&2; cat {}", big.display())),
+        ] {
+            let mut ours = Sample::default();
+            let mut base = Sample::default();
+            for i in 0..self.xfer_runs {
+                for which in order(i) {
+                    let rusage = self.tmp.join(format!("rusage-{dir}-{i}-{which}"));
+                    let pc = if which == 0 {
+                        self.proxy_command(Some(&rusage))
+                    } else {
+                        self.socat_command(Some(&rusage))
+                    };
+                    let mut c = self.ssh(&pc, &remote);
+                    if dir == "upload" {
+                        c.stdin(File::open(&big).unwrap());
+                    } else {
+                        c.stdin(Stdio::null());
+                    }
+                    c.stdout(Stdio::null()).stderr(Stdio::piped());
+                    let out = c.output().expect("ssh");
+                    let end = unix_ns();
+                    let err = String::from_utf8_lossy(&out.stderr);
+                    assert!(out.status.success(), "ssh {dir} failed: {err}");
+                    let start: u128 = err
+                        .lines()
+                        .next()
+                        .and_then(|l| l.trim().parse().ok())
+                        .unwrap_or_else(|| panic!("no start time from remote: {err}"));
+                    let secs = (end.saturating_sub(start)) as f64 / 1e9;
+                    let ru = read_rusage(&rusage);
+                    let s = if which == 0 { &mut ours } else { &mut base };
+                    s.rate.push(self.xfer_bytes as f64 / MIB / secs);
+                    s.cpu.push(ru.cpu / gib);
+                    s.rss.push(ru.maxrss_kib as f64 / 1024.0);
+                }
+            }
+            weight.transfer_rss.extend(ours.rss.iter().copied());
+            weight.transfer_rss_base.extend(base.rss.iter().copied());
+            push_transfer_rows(
+                rows,
+                &format!("ssh {dir} `{}` {size}", short_remote(dir)),
+                "ssh, tcp://",
+                &ours,
+                &base,
+            );
+        }
+
+        // The raw pipe: stdin → shim → TCP sink, and TCP source → shim → stdout.
+        for dir in ["upload", "download"] {
+            let mut ours = Sample::default();
+            let mut base = Sample::default();
+            for i in 0..self.xfer_runs.max(3) {
+                for which in order(i) {
+                    let (secs, ru) = self.raw_transfer(dir == "upload", which == 0);
+                    let s = if which == 0 { &mut ours } else { &mut base };
+                    s.rate.push(self.xfer_bytes as f64 / MIB / secs);
+                    s.cpu.push(ru.cpu / gib);
+                    s.rss.push(ru.maxrss_kib as f64 / 1024.0);
+                }
+            }
+            weight.transfer_rss.extend(ours.rss.iter().copied());
+            weight.transfer_rss_base.extend(base.rss.iter().copied());
+            let what = if dir == "upload" {
+                format!("raw pipe stdin → shim → TCP sink, {size}")
+            } else {
+                format!("raw pipe TCP source → shim → stdout, {size}")
+            };
+            push_transfer_rows(rows, &what, "raw, tcp://", &ours, &base);
+        }
+        rows.push(Row::na(
+            "3. Throughput",
+            "ssh and raw pipe over tailnet, ratio to tcp://",
+        ));
+        rows.push(Row::na("5. CPU per GiB", "tailnet"));
+    }
+
+    /// One raw transfer of `xfer_bytes`; returns (data-phase seconds, rusage).
+    fn raw_transfer(&self, upload: bool, ours: bool) -> (f64, Rusage) {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        let n = self.xfer_bytes;
+        let server = std::thread::spawn(move || -> (Instant, Instant, u64) {
+            let (mut s, _) = l.accept().unwrap();
+            let t0 = Instant::now();
+            let mut buf = vec![0u8; 1 << 20];
+            if upload {
+                let mut got = 0u64;
+                loop {
+                    match s.read(&mut buf) {
+                        Ok(0) | Err(_) => break,
+                        Ok(k) => got += k as u64,
+                    }
+                }
+                (t0, Instant::now(), got)
+            } else {
+                let mut left = n;
+                while left > 0 {
+                    let k = left.min(buf.len() as u64) as usize;
+                    if s.write_all(&buf[..k]).is_err() {
+                        break;
+                    }
+                    left -= k as u64;
+                }
+                (t0, Instant::now(), n - left)
+            }
+        });
+        let mut cmd = if ours {
+            self.proxy(&format!("tcp://{addr}"), "dev.coder")
+        } else {
+            let mut c = Command::new("socat");
+            c.args(["-b", SOCAT_BUF, "-", &format!("TCP:{addr}")]);
+            c
+        };
+        cmd.stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit());
+        let mut child = cmd.spawn().expect("spawn");
+        let mut stdin = child.stdin.take().unwrap();
+        let mut stdout = child.stdout.take().unwrap();
+        let (secs, count) = if upload {
+            let writer = std::thread::spawn(move || {
+                let buf = vec![0u8; 1 << 20];
+                let mut left = n;
+                while left > 0 {
+                    let k = left.min(buf.len() as u64) as usize;
+                    if stdin.write_all(&buf[..k]).is_err() {
+                        break;
+                    }
+                    left -= k as u64;
+                }
+            });
+            let mut sink = Vec::new();
+            let _ = stdout.read_to_end(&mut sink);
+            writer.join().unwrap();
+            let (t0, t1, got) = server.join().unwrap();
+            ((t1 - t0).as_secs_f64(), got)
+        } else {
+            let mut buf = vec![0u8; 1 << 20];
+            let mut got = 0u64;
+            loop {
+                match stdout.read(&mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(k) => got += k as u64,
+                }
+            }
+            let t1 = Instant::now();
+            let (t0, _, _) = server.join().unwrap();
+            drop(stdin);
+            ((t1 - t0).as_secs_f64(), got)
+        };
+        let ru = wait_rusage(&mut child);
+        assert_eq!(count, n, "raw transfer moved {count} of {n} bytes");
+        (secs, ru)
+    }
+
+    // ----- 4. weight -------------------------------------------------------------
+
+    fn weight(&self, rows: &mut Vec<Row>, w: &Weight) {
+        // Peak RSS of one shim over an idle session.
+        let mut ours = Vec::new();
+        let mut base = Vec::new();
+        for i in 0..self.runs.min(5) {
+            for which in order(i) {
+                let rusage = self.tmp.join(format!("rusage-idle-{i}-{which}"));
+                let pc = if which == 0 {
+                    self.proxy_command(Some(&rusage))
+                } else {
+                    self.socat_command(Some(&rusage))
+                };
+                let out = self
+                    .ssh(&pc, "sleep 1")
+                    .stdin(Stdio::null())
+                    .output()
+                    .expect("ssh");
+                assert!(out.status.success(), "ssh sleep failed");
+                let ru = read_rusage(&rusage);
+                if which == 0 { &mut ours } else { &mut base }.push(ru.maxrss_kib as f64 / 1024.0);
+            }
+        }
+        rows.push(Row::measured(
+            "4. Weight",
+            "peak RSS of one shim, idle `ssh host sleep 1` (tcp://)",
+            "MiB",
+            &ours,
+            "socat -b 262144",
+            &base,
+            Delta::Ratio,
+            Target::AtMost(10.0),
+        ));
+        if !w.transfer_rss.is_empty() {
+            rows.push(Row::measured(
+                "4. Weight",
+                "peak RSS of one shim during a transfer (tcp://, all transfer runs)",
+                "MiB",
+                &w.transfer_rss,
+                "socat -b 262144",
+                &w.transfer_rss_base,
+                Delta::Ratio,
+                Target::AtMost(10.0),
+            ));
+        }
+        rows.push(Row::na(
+            "4. Weight",
+            "peak RSS of one shim (tailnet, target ≤ 24 MiB)",
+        ));
+
+        // N concurrent idle sessions.
+        let n = self.sessions;
+        let ours = self.concurrent(n, true);
+        let base = self.concurrent(n, false);
+        rows.push(Row::single(
+            "4. Weight",
+            &format!("{n} concurrent sessions: total RSS (PSS) of the shims"),
+            &format!("{:.1} MiB ({:.1} MiB)", ours.rss_mib, ours.pss_mib),
+            &format!(
+                "{n}× socat: {:.1} MiB ({:.1} MiB)",
+                base.rss_mib, base.pss_mib
+            ),
+            &format!("{:.1} MiB per shim", ours.rss_mib / n as f64),
+        ));
+        rows.push(Row::single(
+            "4. Weight",
+            &format!("{n} concurrent sessions: total CPU of the shims (set-up included)"),
+            &format!("{:.3} s", ours.cpu_s),
+            &format!("{n}× socat: {:.3} s", base.cpu_s),
+            &format!("{:.1} ms per shim", ours.cpu_s * 1000.0 / n as f64),
+        ));
+        rows.push(Row::single(
+            "4. Weight",
+            &format!("{n} concurrent sessions: all established (wall)"),
+            &format!("{:.0} ms", ours.wall_ms),
+            &format!("{n}× socat: {:.0} ms", base.wall_ms),
+            "",
+        ));
+
+        // Binary size.
+        let size = std::fs::metadata(PROXY).map(|m| m.len()).unwrap_or(0);
+        let socat = which("socat")
+            .and_then(|p| std::fs::metadata(p).ok())
+            .map(|m| m.len())
+            .unwrap_or(0);
+        let mut row = Row::single(
+            "4. Weight",
+            "release binary size (stripped, LTO)",
+            &format!("{:.2} MB", size as f64 / 1e6),
+            &format!(
+                "coder CLI 41–46 MB (published); socat {:.2} MB + shared libs",
+                socat as f64 / 1e6
+            ),
+            "",
+        );
+        row.target = "≤ 8 MB".into();
+        row.verdict = verdict(size as f64 / 1e6 <= 8.0);
+        rows.push(row);
+    }
+
+    fn concurrent(&self, n: usize, ours: bool) -> Totals {
+        let pc = if ours {
+            self.proxy_command(None)
+        } else {
+            self.socat_command(None)
+        };
+        let comm = if ours { "coder-proxy" } else { "socat" };
+        let t0 = Instant::now();
+        let mut kids: Vec<Child> = (0..n)
+            .map(|_| {
+                self.ssh(&pc, "echo ready; sleep 600")
+                    .stdin(Stdio::null())
+                    .stdout(Stdio::piped())
+                    .stderr(Stdio::null())
+                    .spawn()
+                    .expect("spawn ssh")
+            })
+            .collect();
+        for k in &mut kids {
+            let mut line = String::new();
+            let mut r = BufReader::new(k.stdout.as_mut().unwrap());
+            r.read_line(&mut line).expect("read ssh stdout");
+            assert_eq!(line.trim(), "ready", "a session did not come up");
+        }
+        let wall_ms = ms(t0.elapsed());
+        std::thread::sleep(Duration::from_millis(500));
+        let mut t = Totals {
+            wall_ms,
+            ..Default::default()
+        };
+        let mut found = 0;
+        for k in &kids {
+            for pid in children_of(k.id()) {
+                if read_trim(&format!("/proc/{pid}/comm")) != comm {
+                    continue;
+                }
+                found += 1;
+                let rollup = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))
+                    .unwrap_or_default();
+                t.rss_mib += kib_field(&rollup, "Rss:") / 1024.0;
+                t.pss_mib += kib_field(&rollup, "Pss:") / 1024.0;
+                t.cpu_s += proc_cpu(pid);
+            }
+        }
+        assert_eq!(found, n, "found {found} of {n} {comm} processes");
+        for k in &mut kids {
+            let _ = k.kill();
+        }
+        for k in &mut kids {
+            let _ = k.wait();
+        }
+        // The shims see stdin EOF and leave; give the sim time to reap.
+        std::thread::sleep(Duration::from_millis(500));
+        t
+    }
+
+    fn machine(&self, load_before: &str, load_after: &str) -> String {
+        let cpu = std::fs::read_to_string("/proc/cpuinfo")
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find(|l| l.starts_with("model name"))
+                    .and_then(|l| l.split_once(':'))
+                    .map(|(_, v)| v.trim().to_string())
+            })
+            .unwrap_or_else(|| "?".into());
+        let nproc = std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(0);
+        let mem = std::fs::read_to_string("/proc/meminfo")
+            .map(|s| kib_field(&s, "MemTotal:") / MIB)
+            .unwrap_or(0.0);
+        let server = match self.backend {
+            SshBackend::OpenSsh => format!(
+                "real `{} -i` per connection ({})",
+                coder_sim::sshd::SSHD_PATH,
+                tool_version("ssh", &["-V"])
+            ),
+            SshBackend::Embedded => "embedded russh server (sshd not found)".into(),
+        };
+        let certs = match (
+            std::env::var_os("SSL_CERT_FILE"),
+            std::env::var_os("SSL_CERT_DIR"),
+        ) {
+            (None, None) => "unset".to_string(),
+            (f, d) => format!(
+                "SSL_CERT_FILE={} SSL_CERT_DIR={}",
+                f.map(|v| v.to_string_lossy().into_owned())
+                    .unwrap_or_default(),
+                d.map(|v| v.to_string_lossy().into_owned())
+                    .unwrap_or_default()
+            ),
+        };
+        format!(
+            "| | |\n|---|---|\n\
+             | date | {} |\n\
+             | CPU | {cpu}, {nproc} CPUs (`nproc`), {mem:.1} GiB RAM |\n\
+             | kernel | {} |\n\
+             | rustc | {} |\n\
+             | SSH server | {server} |\n\
+             | SSH client | {}, cipher `{}`, no compression |\n\
+             | socat | {} (baselines use `-b {SOCAT_BUF}`) |\n\
+             | CA roots env | {certs} |\n\
+             | load average before / after | {load_before} / {load_after} |\n\
+             | runs | {} per latency/weight row, {} per transfer row ({} each) |\n",
+            utc_now(),
+            read_trim("/proc/sys/kernel/osrelease"),
+            tool_version("rustc", &["-V"]),
+            tool_version("ssh", &["-V"]),
+            self.cipher,
+            tool_version("socat", &["-V"])
+                .lines()
+                .find(|l| l.contains("version"))
+                .unwrap_or("?")
+                .trim(),
+            self.runs,
+            self.xfer_runs,
+            human_size(self.xfer_bytes),
+        )
+    }
+}
+
+// ----- results ----------------------------------------------------------------
+
+#[derive(Default)]
+struct Sample {
+    /// MiB/s of the data phase.
+    rate: Vec<f64>,
+    /// CPU seconds (user + system) of the shim per GiB moved.
+    cpu: Vec<f64>,
+    /// Peak RSS of the shim, MiB.
+    rss: Vec<f64>,
+}
+
+#[derive(Default)]
+struct Weight {
+    transfer_rss: Vec<f64>,
+    transfer_rss_base: Vec<f64>,
+}
+
+#[derive(Default)]
+struct Totals {
+    rss_mib: f64,
+    pss_mib: f64,
+    cpu_s: f64,
+    wall_ms: f64,
+}
+
+fn push_transfer_rows(rows: &mut Vec<Row>, what: &str, path: &str, ours: &Sample, base: &Sample) {
+    rows.push(Row::measured(
+        "3. Throughput",
+        what,
+        "MiB/s",
+        &ours.rate,
+        "socat -b 262144, same path",
+        &base.rate,
+        Delta::Ratio,
+        Target::RatioAtLeast(0.95),
+    ));
+    rows.push(Row::measured(
+        "5. CPU per GiB",
+        &format!("{what} ({path})"),
+        "CPU s/GiB",
+        &ours.cpu,
+        "socat -b 262144",
+        &base.cpu,
+        Delta::Ratio,
+        Target::None,
+    ));
+}
+
+enum Delta {
+    /// Show ours − baseline.
+    Plus,
+    /// Show ours / baseline.
+    Ratio,
+}
+
+enum Target {
+    None,
+    AtMost(f64),
+    /// ours − baseline ≤ x (medians).
+    OverheadAtMost(f64),
+    /// ours / baseline ≥ x (medians).
+    RatioAtLeast(f64),
+}
+
+struct Row {
+    section: String,
+    metric: String,
+    ours: String,
+    base: String,
+    delta: String,
+    target: String,
+    verdict: String,
+}
+
+impl Row {
+    #[allow(clippy::too_many_arguments)]
+    fn measured(
+        section: &str,
+        metric: &str,
+        unit: &str,
+        ours: &[f64],
+        base_name: &str,
+        base: &[f64],
+        delta: Delta,
+        target: Target,
+    ) -> Row {
+        let (m, b) = (median(ours), median(base));
+        let delta_s = match (&delta, base.is_empty()) {
+            (_, true) => "—".to_string(),
+            (Delta::Plus, _) => format!("{:+.1} {unit}", m - b),
+            (Delta::Ratio, _) => format!("{:.2}×", m / b),
+        };
+        let (target_s, verdict_s) = match target {
+            Target::None => ("—".to_string(), "—".to_string()),
+            Target::AtMost(x) => (format!("≤ {x} {unit}"), verdict(m <= x)),
+            Target::OverheadAtMost(x) => (format!("≤ +{x} {unit}"), verdict(m - b <= x)),
+            Target::RatioAtLeast(x) => (format!("≥ {x}×"), verdict(m / b >= x)),
+        };
+        Row {
+            section: section.into(),
+            metric: metric.into(),
+            ours: stat(ours, unit),
+            base: if base.is_empty() {
+                base_name.to_string()
+            } else {
+                format!("{}: {}", base_name, stat(base, unit))
+            },
+            delta: delta_s,
+            target: target_s,
+            verdict: verdict_s,
+        }
+    }
+
+    fn single(section: &str, metric: &str, ours: &str, base: &str, delta: &str) -> Row {
+        Row {
+            section: section.into(),
+            metric: metric.into(),
+            ours: ours.into(),
+            base: base.into(),
+            delta: if delta.is_empty() {
+                "—".into()
+            } else {
+                delta.into()
+            },
+            target: "—".into(),
+            verdict: "—".into(),
+        }
+    }
+
+    fn na(section: &str, metric: &str) -> Row {
+        Row {
+            section: section.into(),
+            metric: metric.into(),
+            ours: TAILNET_NA.into(),
+            base: "—".into(),
+            delta: "—".into(),
+            target: "—".into(),
+            verdict: "—".into(),
+        }
+    }
+}
+
+fn verdict(ok: bool) -> String {
+    if ok { "met" } else { "**missed**" }.into()
+}
+
+fn render(rows: &[Row]) -> String {
+    let mut s = String::from(
+        "| | measurement | coder-proxy: median (min–max) | baseline, same run: median (min–max) | vs baseline | target | |\n\
+         |---|---|---|---|---|---|---|\n",
+    );
+    for r in rows {
+        s.push_str(&format!(
+            "| {} | {} | {} | {} | {} | {} | {} |\n",
+            r.section, r.metric, r.ours, r.base, r.delta, r.target, r.verdict
+        ));
+    }
+    s
+}
+
+fn stat(v: &[f64], unit: &str) -> String {
+    if v.is_empty() {
+        return "—".into();
+    }
+    let min = v.iter().copied().fold(f64::INFINITY, f64::min);
+    let max = v.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    let p = if median(v).abs() >= 100.0 {
+        0
+    } else if median(v).abs() >= 10.0 {
+        1
+    } else {
+        2
+    };
+    format!("{:.p$} {unit} ({:.p$}–{:.p$})", median(v), min, max, p = p)
+}
+
+fn median(v: &[f64]) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    let mut s = v.to_vec();
+    s.sort_by(|a, b| a.total_cmp(b));
+    let n = s.len();
+    if n % 2 == 1 {
+        s[n / 2]
+    } else {
+        (s[n / 2 - 1] + s[n / 2]) / 2.0
+    }
+}
+
+const BEGIN: &str = "<!-- BEGIN RESULTS (written by `cargo bench --bench suite`) -->";
+const END: &str = "<!-- END RESULTS -->";
+
+fn write_doc(path: &Path, machine: &str, table: &str, cfg: &Config) -> std::io::Result<()> {
+    let partial = cfg
+        .only
+        .as_ref()
+        .map(|o| format!("\n_Partial run: BENCH_ONLY={}._\n", o.join(",")))
+        .unwrap_or_default();
+    let block =
+        format!("{BEGIN}\n\n### Machine\n\n{machine}\n### Results\n{partial}\n{table}\n{END}");
+    let old = std::fs::read_to_string(path).unwrap_or_default();
+    let new = match (old.find(BEGIN), old.find(END)) {
+        (Some(a), Some(b)) if a < b => {
+            format!("{}{block}{}", &old[..a], &old[b + END.len()..])
+        }
+        _ => format!("# Performance\n\nRun `./scripts/bench.sh` to reproduce.\n\n{block}\n"),
+    };
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    std::fs::write(path, new)
+}
+
+// ----- process helpers --------------------------------------------------------
+
+/// `__wrap OUT PROG ARGS...`: run PROG with our stdio, forward SIGHUP/SIGTERM/
+/// SIGINT to it, and write its CPU time and peak RSS to OUT when it ends.
+fn wrap(args: &[String]) -> ! {
+    use std::sync::atomic::{AtomicI32, Ordering};
+    static CHILD: AtomicI32 = AtomicI32::new(0);
+    extern "C" fn forward(sig: libc::c_int) {
+        let pid = CHILD.load(Ordering::SeqCst);
+        if pid > 0 {
+            // SAFETY: kill(2) is async-signal-safe.
+            unsafe { libc::kill(pid, sig) };
+        }
+    }
+    let out = &args[0];
+    let child = Command::new(&args[1])
+        .args(&args[2..])
+        .spawn()
+        .expect("wrap: spawn");
+    CHILD.store(child.id() as i32, Ordering::SeqCst);
+    for sig in [libc::SIGHUP, libc::SIGTERM, libc::SIGINT] {
+        // SAFETY: installing a handler that only calls kill(2).
+        unsafe { libc::signal(sig, forward as *const () as libc::sighandler_t) };
+    }
+    let mut child = child;
+    let ru = wait_rusage(&mut child);
+    let _ = std::fs::write(out, format!("{} {} {}\n", ru.cpu, ru.maxrss_kib, ru.code));
+    std::process::exit(if ru.code >= 0 { ru.code } else { 1 });
+}
+
+/// A ProxyCommand line, optionally run under `__wrap`.
+fn wrapped(cmd: &str, out: Option<&Path>) -> String {
+    match out {
+        Some(o) => format!(
+            "{} __wrap {} {cmd}",
+            std::env::current_exe().unwrap().display(),
+            o.display()
+        ),
+        None => cmd.to_string(),
+    }
+}
+
+#[derive(Default, Debug)]
+struct Rusage {
+    cpu: f64,
+    maxrss_kib: i64,
+    code: i32,
+}
+
+/// Reap `child` with wait4(2) for its CPU time and peak RSS.
+fn wait_rusage(child: &mut Child) -> Rusage {
+    let pid = child.id() as libc::pid_t;
+    let mut status = 0;
+    // SAFETY: an all-zero rusage is valid; wait4 fills it.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    loop {
+        // SAFETY: valid pointers for the duration of the call.
+        let r = unsafe { libc::wait4(pid, &mut status, 0, &mut ru) };
+        if r == pid {
+            break;
+        }
+        if r < 0 && std::io::Error::last_os_error().kind() != std::io::ErrorKind::Interrupted {
+            return Rusage::default();
+        }
+    }
+    let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    let code = if libc::WIFEXITED(status) {
+        libc::WEXITSTATUS(status)
+    } else {
+        128 + libc::WTERMSIG(status)
+    };
+    Rusage {
+        cpu: tv(ru.ru_utime) + tv(ru.ru_stime),
+        maxrss_kib: ru.ru_maxrss,
+        code,
+    }
+}
+
+fn read_rusage(path: &Path) -> Rusage {
+    let ok = wait_until(Duration::from_secs(10), || {
+        std::fs::read_to_string(path).is_ok_and(|s| s.ends_with('\n'))
+    });
+    assert!(ok, "no rusage written to {}", path.display());
+    let s = std::fs::read_to_string(path).unwrap();
+    let mut it = s.split_whitespace();
+    Rusage {
+        cpu: it.next().and_then(|v| v.parse().ok()).unwrap_or(0.0),
+        maxrss_kib: it.next().and_then(|v| v.parse().ok()).unwrap_or(0),
+        code: it.next().and_then(|v| v.parse().ok()).unwrap_or(0),
+    }
+}
+
+fn shell(cmd: &str) -> Command {
+    let mut c = Command::new("sh");
+    c.arg("-c").arg(format!("exec {cmd}"));
+    c
+}
+
+/// Spawn with stdin held open; ms from spawn to the first stdout byte.
+fn first_stdout_byte(mut cmd: Command) -> f64 {
+    cmd.stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null());
+    let t0 = Instant::now();
+    let mut child = cmd.spawn().expect("spawn");
+    let mut b = [0u8; 1];
+    let n = child.stdout.as_mut().unwrap().read(&mut b).unwrap_or(0);
+    let v = ms(t0.elapsed());
+    let _ = child.kill();
+    let _ = child.wait();
+    assert_eq!(n, 1, "no byte on stdout");
+    v
+}
+
+/// Direct children of `pid` (from /proc).
+fn children_of(pid: u32) -> Vec<u32> {
+    let mut out = Vec::new();
+    let Ok(rd) = std::fs::read_dir("/proc") else {
+        return out;
+    };
+    for e in rd.flatten() {
+        let Some(p) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+            continue;
+        };
+        let stat = read_trim(&format!("/proc/{p}/stat"));
+        let Some(rest) = stat.rfind(')').map(|i| &stat[i + 1..]) else {
+            continue;
+        };
+        if rest.split_whitespace().nth(1).and_then(|v| v.parse().ok()) == Some(pid) {
+            out.push(p);
+        }
+    }
+    out
+}
+
+/// utime + stime of a live process, seconds.
+fn proc_cpu(pid: u32) -> f64 {
+    let stat = read_trim(&format!("/proc/{pid}/stat"));
+    let Some(rest) = stat.rfind(')').map(|i| &stat[i + 1..]) else {
+        return 0.0;
+    };
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    // After "pid (comm)": state=0 ... utime=11, stime=12.
+    let ticks: f64 = f.get(11).and_then(|v| v.parse().ok()).unwrap_or(0.0)
+        + f.get(12).and_then(|v| v.parse().ok()).unwrap_or(0.0);
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    ticks / hz
+}
+
+fn kib_field(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find(|l| l.starts_with(name))
+        .and_then(|l| l[name.len()..].split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
+}
+
+fn have(tool: &str) -> bool {
+    which(tool).is_some()
+}
+
+fn which(tool: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH").and_then(|p| {
+        std::env::split_paths(&p)
+            .map(|d| d.join(tool))
+            .find(|f| f.is_file())
+    })
+}
+
+fn tool_version(tool: &str, args: &[&str]) -> String {
+    Command::new(tool)
+        .args(args)
+        .output()
+        .map(|o| {
+            let mut s = String::from_utf8_lossy(&o.stdout).into_owned();
+            s.push_str(&String::from_utf8_lossy(&o.stderr));
+            s.trim().to_string()
+        })
+        .unwrap_or_else(|_| "?".into())
+}
+
+// ----- network helpers ----------------------------------------------------------
+
+/// Accept connections; report when each one's first bytes arrive.
+fn first_bytes_server(l: TcpListener, tx: mpsc::Sender<Instant>) {
+    for s in l.incoming() {
+        let Ok(mut s) = s else { continue };
+        let mut b = [0u8; 4096];
+        if s.read(&mut b).unwrap_or(0) > 0 {
+            let _ = tx.send(Instant::now());
+        }
+    }
+}
+
+/// Accept connections; report each accept time and close the connection.
+fn accept_times(l: TcpListener, tx: mpsc::Sender<Instant>) {
+    for s in l.incoming() {
+        let t = Instant::now();
+        drop(s);
+        let _ = tx.send(t);
+    }
+}
+
+/// A bare SSE client on the workspace watch stream: sends (time, contains a
+/// `data` event) for every read.
+fn raw_watch(api: SocketAddr, ws_id: &str, token: &str, tx: mpsc::Sender<(Instant, bool)>) {
+    let mut s = TcpStream::connect(api).expect("connect to coder-sim");
+    let _ = s.set_nodelay(true);
+    write!(
+        s,
+        "GET /api/v2/workspaces/{ws_id}/watch HTTP/1.1\r\nHost: {api}\r\nCoder-Session-Token: {token}\r\nAccept: text/event-stream\r\n\r\n"
+    )
+    .unwrap();
+    let mut b = vec![0u8; 1 << 16];
+    loop {
+        match s.read(&mut b) {
+            Ok(0) | Err(_) => return,
+            Ok(n) => {
+                let t = Instant::now();
+                let data = b[..n].windows(11).any(|w| w == b"event: data");
+                if tx.send((t, data)).is_err() {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+// ----- small things -------------------------------------------------------------
+
+fn order(i: usize) -> [u8; 2] {
+    if i % 2 == 0 {
+        [0, 1]
+    } else {
+        [1, 0]
+    }
+}
+
+fn drain<T>(rx: &mpsc::Receiver<T>) {
+    while rx.try_recv().is_ok() {}
+}
+
+fn wait_until(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let end = Instant::now() + limit;
+    while Instant::now() < end {
+        if f() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    f()
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+fn unix_ns() -> u128 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_nanos()
+}
+
+fn utc_now() -> String {
+    Command::new("date")
+        .args(["-u", "+%Y-%m-%d %H:%M UTC"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default()
+}
+
+fn read_trim(path: &str) -> String {
+    std::fs::read_to_string(path)
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default()
+}
+
+fn human_size(b: u64) -> String {
+    if b >= 1 << 30 && b % (1 << 30) == 0 {
+        format!("{} GiB", b >> 30)
+    } else {
+        format!("{} MiB", b >> 20)
+    }
+}
+
+fn short_remote(dir: &str) -> &'static str {
+    if dir == "upload" {
+        "cat > /dev/null < FILE"
+    } else {
+        "cat FILE > /dev/null"
+    }
+}

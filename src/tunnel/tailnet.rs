@@ -1,0 +1,125 @@
+//! The native tailnet transport: reach the agent the way `coder ssh` does
+//! (coordinate websocket, DERP relay, WireGuard, TCP to port 1) with no
+//! Coder CLI installed.
+//!
+//! The protocol work lives in the `coder-tailnet` crate; this file supplies
+//! what only coder-proxy knows: the deployment URL, the session token and
+//! `--header`s, and how to dial (TLS with system roots; DERP over an HTTP
+//! upgrade, falling back to a websocket when the relay refuses it or the
+//! deployment forces websockets).
+
+use std::sync::Arc;
+
+use anyhow::{anyhow, Context, Result};
+use reqwest::header::{HeaderName, HeaderValue};
+use url::Url;
+
+use coder_tailnet::client::{self, BoxFuture, BoxIo, Dialer};
+use coder_tailnet::derpmap::DerpMap;
+use coder_tailnet::proto::PeerId;
+
+use super::{net, DialTarget};
+use crate::coderd::Client;
+
+/// Dials coderd and its DERP relays for one agent.
+struct CoderDialer {
+    base: Url,
+    agent_id: String,
+    headers: Vec<(HeaderName, HeaderValue)>,
+    derp_map: DerpMap,
+    force_websockets: bool,
+}
+
+impl Dialer for CoderDialer {
+    fn coordinate(&self, resume_token: Option<String>) -> BoxFuture<Result<BoxIo>> {
+        let mut url = self.base.clone();
+        url.set_path(&format!(
+            "/api/v2/workspaceagents/{}/coordinate",
+            self.agent_id
+        ));
+        url.query_pairs_mut().append_pair("version", "2.0");
+        if let Some(t) = resume_token {
+            url.query_pairs_mut().append_pair("resume_token", &t);
+        }
+        let headers = self.headers.clone();
+        Box::pin(async move {
+            let ws = net::websocket(&url, &headers, None)
+                .await
+                .context("coordinate websocket")?;
+            Ok(Box::new(ws) as BoxIo)
+        })
+    }
+
+    fn derp(&self, region: i64) -> BoxFuture<Result<BoxIo>> {
+        let target = self.derp_map.target(region);
+        // The relay needs no token; only the deployment's own headers.
+        let headers: Vec<(HeaderName, HeaderValue)> = self
+            .headers
+            .iter()
+            .filter(|(k, _)| k.as_str() != "coder-session-token")
+            .cloned()
+            .collect();
+        let force_ws = self.force_websockets;
+        Box::pin(async move {
+            let t = target.ok_or_else(|| anyhow!("DERP region {region} is not in the map"))?;
+            let url = Url::parse(&t.url()).context("DERP URL")?;
+            if !force_ws {
+                let io = net::connect(t.scheme == "https", &t.dial_host, t.port, &t.host).await?;
+                let host_header = if (t.scheme == "https" && t.port == 443)
+                    || (t.scheme == "http" && t.port == 80)
+                {
+                    t.host.clone()
+                } else {
+                    format!("{}:{}", t.host, t.port)
+                };
+                let text_headers: Vec<(String, String)> = headers
+                    .iter()
+                    .filter_map(|(k, v)| Some((k.to_string(), v.to_str().ok()?.to_string())))
+                    .collect();
+                match coder_tailnet::derp::upgrade(io, &host_header, &text_headers).await {
+                    Ok((up, _)) => return Ok(Box::new(up) as BoxIo),
+                    Err(e) if e.should_try_websocket() => {
+                        log::info!("tailnet: DERP upgrade refused ({e}); trying a websocket");
+                    }
+                    Err(e) => return Err(anyhow!("DERP upgrade at {}: {e}", t.url())),
+                }
+            }
+            let ws = net::websocket(&url, &headers, Some("derp"))
+                .await
+                .context("DERP websocket")?;
+            Ok(Box::new(ws) as BoxIo)
+        })
+    }
+}
+
+/// Open a stream to the agent's SSH server over tailnet.
+pub async fn dial(client: &Client, t: &DialTarget) -> Result<client::Tunnel> {
+    let agent_id = PeerId::parse(&t.agent_id)
+        .map_err(|e| anyhow!("agent id {:?} is not a UUID: {e}", t.agent_id))?;
+    let mut info = client
+        .agent_connection_info(&t.agent_id)
+        .await
+        .map_err(|e| anyhow!("get agent connection info: {e}"))?;
+    let base = client.base().clone();
+    let host = base
+        .host_str()
+        .ok_or_else(|| anyhow!("the deployment URL has no host"))?
+        .to_string();
+    let port = base.port_or_known_default().unwrap_or(443);
+    info.derp_map
+        .rewrite_embedded_relay(base.scheme(), &host, port);
+    log::debug!(
+        "tailnet: {} DERP region(s), home {:?}",
+        info.derp_map.regions.len(),
+        info.derp_map.home_region()
+    );
+    let dialer = CoderDialer {
+        base,
+        agent_id: t.agent_id.clone(),
+        headers: client.upgrade_headers().to_vec(),
+        derp_map: info.derp_map.clone(),
+        force_websockets: info.derp_force_websockets,
+    };
+    let cfg = client::Config::new(agent_id, info.derp_map);
+    client::connect(Arc::new(dialer), cfg).await
+}

@@ -33,7 +33,7 @@ pub fn report(msg: &str) {
     use std::io::Write;
     log::debug!("fatal: {msg}");
     let mut e = std::io::stderr().lock();
-    let _ = writeln!(e, "coder-proxy: {msg}");
+    let _ = writeln!(e, "coder-proxy: {}", logging::redact(msg));
 }
 
 /// Run one proxy session; returns the process exit code.

@@ -14,6 +14,22 @@ use std::sync::{Arc, Mutex};
 use anyhow::{anyhow, Result};
 use log::{LevelFilter, Log, Metadata, Record};
 
+/// The process-wide redactor, for text that bypasses the logger.
+static GLOBAL: std::sync::OnceLock<Redactor> = std::sync::OnceLock::new();
+
+/// Make `r` the redactor [`redact`] uses.
+pub fn set_global(r: &Redactor) {
+    let _ = GLOBAL.set(r.clone());
+}
+
+/// Replace registered secrets in `s` (a no-op before [`set_global`]).
+pub fn redact(s: &str) -> String {
+    match GLOBAL.get() {
+        Some(r) => r.apply(s),
+        None => s.to_string(),
+    }
+}
+
 /// Replaces secrets in log text.
 #[derive(Clone, Default)]
 pub struct Redactor {

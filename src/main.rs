@@ -30,6 +30,7 @@ fn main() {
         }
     };
     let redactor = logging::Redactor::default();
+    logging::set_global(&redactor);
     if let Ok(t) = std::env::var("CODER_SESSION_TOKEN") {
         redactor.add(t.trim());
     }

@@ -32,7 +32,7 @@ impl Progress {
     pub fn line(&self, msg: &str) {
         log::info!("{msg}");
         let mut err = std::io::stderr().lock();
-        let _ = writeln!(err, "{msg}");
+        let _ = writeln!(err, "{}", crate::logging::redact(msg));
     }
 
     /// Enter a stage; ends the previous one with its duration.

@@ -12,7 +12,7 @@
 //! remote host warns exactly once.
 //!
 //! Servers are scripted raw HTTP/1.1 on 127.0.0.1 (`common::RawServer`); the
-//! only name looked up off loopback is `example.invalid`, which fails by
+//! only name looked up off loopback is under `.invalid`, which fails by
 //! definition. Cases of one table run concurrently, so a table costs about
 //! as long as its slowest case.
 
@@ -1027,10 +1027,8 @@ async fn server_cases() -> (Vec<(String, Run, Expect)>, Vec<RawServer>) {
     cases.push((
         "DNS failure".into(),
         Run::at("https://coder.example.invalid"),
-        Expect::Retries(&[
-            "cannot reach coderd at https://coder.example.invalid/",
-            "dns error",
-        ]),
+        // The cause is "dns error: ..." or, with a slow resolver, a timeout.
+        Expect::Retries(&["cannot reach coderd at https://coder.example.invalid/"]),
     ));
     (cases, servers)
 }
@@ -1382,7 +1380,8 @@ async fn plain_http_to_a_remote_host_warns_once() {
         assert!(warnings[0].contains("use https://"), "{err}");
         let last = err.trim_end().lines().last().unwrap();
         assert!(
-            last.starts_with("coder-proxy: look up workspace") && last.contains("dns error"),
+            last.starts_with("coder-proxy: look up workspace")
+                && last.contains("cannot reach coderd at http://coder.example.invalid/"),
             "{err}"
         );
         if level == Level::Quiet {
@@ -1418,7 +1417,7 @@ async fn plain_http_to_a_remote_host_warns_once() {
     cases.push((
         "https remote".into(),
         Run::at("https://coder.example.invalid"),
-        Expect::Retries(&["dns error"]),
+        Expect::Retries(&["cannot reach coderd at https://coder.example.invalid/"]),
     ));
     check_all(cases, Level::Quiet).await;
 }

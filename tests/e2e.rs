@@ -593,18 +593,19 @@ async fn real_sshd_behind_the_agent() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn auto_tunnel_without_coder_connect_names_the_alternative() {
+async fn coder_connect_absent_names_the_alternatives() {
     let env = Env::new(vec![WorkspaceSpec::new("dev")]).await;
     let mut c = tokio::process::Command::new(PROXY);
     c.arg("--global-config")
         .arg(env.config_dir())
-        .arg("dev.coder");
+        .args(["--tunnel", "coder-connect", "dev.coder"]);
     let out = run(c, Some(b""), LIMIT).await;
     let err = text(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{err}");
     assert!(out.stdout.is_empty());
     assert!(
-        err.contains("Coder Connect is not running") && err.contains("--tunnel tcp://"),
+        err.contains("Coder Connect is not serving dev.dev.alice.coder")
+            && err.contains("--tunnel tcp://"),
         "{err}"
     );
     assert_eq!(err.trim_end().lines().count(), 1, "{err}");

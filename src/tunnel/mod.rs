@@ -71,7 +71,7 @@ impl Tunnel {
             Tunnel::CoderConnect => match coder_connect::find(client, t).await? {
                 Some(addr) => coder_connect::dial(addr).await.map(AgentStream::Tcp),
                 None => bail!(
-                    "Coder Connect is not serving {}; start Coder Desktop / 'coder vpn', or use --tunnel tcp://HOST:PORT",
+                    "Coder Connect is not serving {}; start Coder Desktop / 'coder vpn', or use --tunnel tailnet (or --tunnel tcp://HOST:PORT)",
                     coder_connect::hostname(t, "coder")
                 ),
             },

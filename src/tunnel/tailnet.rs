@@ -94,12 +94,17 @@ impl Dialer for CoderDialer {
 
 /// Open a stream to the agent's SSH server over tailnet.
 pub async fn dial(client: &Client, t: &DialTarget) -> Result<client::Tunnel> {
+    let started = std::time::Instant::now();
     let agent_id = PeerId::parse(&t.agent_id)
         .map_err(|e| anyhow!("agent id {:?} is not a UUID: {e}", t.agent_id))?;
     let mut info = client
         .agent_connection_info(&t.agent_id)
         .await
         .map_err(|e| anyhow!("get agent connection info: {e}"))?;
+    log::debug!(
+        "tailnet: connection info in {}ms",
+        started.elapsed().as_millis()
+    );
     let base = client.base().clone();
     let host = base
         .host_str()

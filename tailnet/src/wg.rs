@@ -210,6 +210,7 @@ struct Engine {
     last_rx: Instant,
     buf: Vec<u8>,
     next_port: u16,
+    handshake_logged: bool,
 }
 
 fn tcp_socket() -> tcp::Socket<'static> {
@@ -264,6 +265,7 @@ impl Engine {
             last_rx: Instant::now(),
             buf: vec![0u8; 65536 + 256],
             next_port: 40000 + (cfg.index % 20000) as u16,
+            handshake_logged: false,
             cfg,
         };
         match e.cfg.role {
@@ -455,6 +457,13 @@ impl Engine {
             break;
         }
         self.buf = buf;
+        if !self.handshake_logged && self.tunn.stats().0.is_some() {
+            self.handshake_logged = true;
+            log::debug!(
+                "wireguard: handshake complete {}ms after start",
+                self.started.elapsed().as_millis()
+            );
+        }
     }
 
     /// Poll the stack, move data between sockets and apps, send packets.

@@ -12,6 +12,7 @@
 //! Without Go or the yamux package the test skips loudly, unless
 //! `CODER_PROXY_REQUIRE_GO=1` (CI) turns that into a failure.
 
+use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::OnceLock;
@@ -124,11 +125,14 @@ fn go_missing(why: &str) -> Option<PathBuf> {
              (apt-get install golang-go golang-github-hashicorp-yamux-dev)"
         );
     }
-    eprintln!();
-    eprintln!("!!! SKIPPED yamux Go interop test: {why}.");
-    eprintln!("!!! Install golang-go and golang-github-hashicorp-yamux-dev to run it;");
-    eprintln!("!!! set CODER_PROXY_REQUIRE_GO=1 to make this a failure.");
-    eprintln!();
+    // Straight to the process's stderr: libtest would swallow eprintln!
+    // output of a passing test, and a skip must not go unnoticed.
+    let _ = writeln!(
+        std::io::stderr().lock(),
+        "\n!!! SKIPPED yamux Go interop test: {why}.\n\
+         !!! Install golang-go and golang-github-hashicorp-yamux-dev to run it;\n\
+         !!! set CODER_PROXY_REQUIRE_GO=1 to make this a failure.\n"
+    );
     None
 }
 

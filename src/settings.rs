@@ -222,9 +222,14 @@ async fn run_header_command(cmd: &str, url: &Url) -> Result<Vec<(HeaderName, Hea
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .kill_on_drop(true);
+    // Its own process group, so whatever it leaves behind (a backgrounded
+    // child holding the pipe) is killed with it.
+    #[cfg(unix)]
+    command.process_group(0);
     let mut child = command
         .spawn()
         .with_context(|| "failed to run --header-command: cannot start sh".to_string())?;
+    let _group = ProcessGroupGuard(child.id());
     let (Some(stdout), Some(stderr)) = (child.stdout.take(), child.stderr.take()) else {
         bail!("failed to run --header-command: its output pipes are missing");
     };
@@ -277,6 +282,21 @@ async fn run_header_command(cmd: &str, url: &Url) -> Result<Vec<(HeaderName, Hea
         );
     }
     Ok(headers)
+}
+
+/// Kills a process group when dropped (every exit path of the header command).
+struct ProcessGroupGuard(Option<u32>);
+
+impl Drop for ProcessGroupGuard {
+    fn drop(&mut self) {
+        #[cfg(unix)]
+        if let Some(pid) = self.0.and_then(|p| i32::try_from(p).ok()) {
+            // SAFETY: kill(2) on a process group we created; ESRCH is fine.
+            unsafe {
+                libc::kill(-pid, libc::SIGKILL);
+            }
+        }
+    }
 }
 
 /// All of a pipe, or an error as soon as it passes `max` bytes.

@@ -402,3 +402,22 @@ async fn redirect_to_another_origin_never_carries_the_token() {
     assert!(deploy.requests()[0].head.contains("tok-must-not-travel"));
     assert!(other.requests().is_empty(), "{:?}", other.requests());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn header_command_leaves_no_process_behind() {
+    let env = Env::new(vec![WorkspaceSpec::new("dev")]).await;
+    // A backgrounded child keeps the output pipe open past the timeout.
+    let mut c = env.proxy("dev", "dev", "dev");
+    c.arg("--header-command").arg("sleep 37.25 & echo X-A=1");
+    let out = run(c, Some(BANNER), LIMIT).await;
+    assert_fails(&out, 1, "did not finish within 10s");
+    let lingering = std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
+        .any(|c| String::from_utf8_lossy(&c).contains("37.25"));
+    assert!(
+        !lingering,
+        "the header command's child outlived coder-proxy"
+    );
+}

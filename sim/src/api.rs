@@ -26,9 +26,10 @@ use uuid::Uuid;
 use crate::model;
 use crate::spec::{ApiFault, LoggedRequest};
 use crate::state::{lock, Refusal, Shared};
+use crate::tailnet::http as tailnet;
 
-type S = State<Arc<Shared>>;
-type ApiResult = Result<Response, Refusal>;
+pub(crate) type S = State<Arc<Shared>>;
+pub(crate) type ApiResult = Result<Response, Refusal>;
 
 /// The whole HTTP app.
 pub(crate) fn router(s: Arc<Shared>) -> Router {
@@ -50,12 +51,21 @@ pub(crate) fn router(s: Arc<Shared>) -> Router {
             "/api/v2/workspacebuilds/{id}/parameters",
             get(build_parameters),
         )
-        .route("/api/v2/workspaceagents/connection", get(connection_info))
+        .route(
+            "/api/v2/workspaceagents/connection",
+            get(tailnet::generic_connection_info),
+        )
         .route("/api/v2/workspaceagents/{id}", get(agent))
         .route(
             "/api/v2/workspaceagents/{id}/connection",
-            get(connection_info),
+            get(tailnet::connection_info),
         )
+        .route(
+            "/api/v2/workspaceagents/{id}/coordinate",
+            get(tailnet::coordinate),
+        )
+        .route("/derp", get(tailnet::derp))
+        .route("/derp/latency-check", get(tailnet::derp_latency_check))
         .route("/api/v2/workspaceagents/{id}/logs", get(agent_logs))
         .route("/api/v2/templateversions/{id}", get(template_version))
         .route("/api/v2/deployment/ssh", get(deployment_ssh))
@@ -87,11 +97,11 @@ fn json<T: Serialize>(status: u16, v: &T) -> Response {
     }
 }
 
-fn ok<T: Serialize>(v: &T) -> ApiResult {
+pub(crate) fn ok<T: Serialize>(v: &T) -> ApiResult {
     Ok(json(200, v))
 }
 
-fn parse_uuid(s: &str) -> Result<Uuid, Refusal> {
+pub(crate) fn parse_uuid(s: &str) -> Result<Uuid, Refusal> {
     Uuid::parse_str(s)
         .map_err(|e| Refusal::new(400, format!("Invalid UUID {s:?}.")).detail(e.to_string()))
 }
@@ -447,15 +457,6 @@ async fn build_parameters(State(s): S, Path(id): Path<String>) -> ApiResult {
     let w = lock(&s.world);
     let b = w.builds.get(&id).ok_or_else(Refusal::not_found)?;
     ok(&b.params)
-}
-
-async fn connection_info() -> ApiResult {
-    ok(&serde_json::json!({
-        "derp_map": {"Regions": {}},
-        "derp_force_websockets": false,
-        "disable_direct_connections": false,
-        "hostname_suffix": "coder",
-    }))
 }
 
 async fn agent(State(s): S, Path(id): Path<String>) -> ApiResult {

@@ -9,7 +9,9 @@
 //!
 //! Modules: [`spec`] (what tests ask for), [`model`] (wire JSON), `state`
 //! (the world and its timers), `api` (axum routes), [`sim`] (the handle),
-//! [`endpoint`]/[`ssh`]/[`sshd`] (the agent side), [`demo`] (the README demo).
+//! [`endpoint`]/[`ssh`]/[`sshd`] (the agent side), `tailnet` (coordinator,
+//! DERP relay and fake agent peers for native tailnet clients), [`demo`]
+//! (the README demo).
 
 mod api;
 pub mod demo;
@@ -20,7 +22,10 @@ pub mod spec;
 pub mod ssh;
 pub mod sshd;
 mod state;
+mod tailnet;
 
+/// Peer update kinds for [`Sim::send_peer_update`].
+pub use coder_tailnet::proto::PeerUpdateKind;
 pub use endpoint::SshBackend;
 pub use model::{AgentStatus, Lifecycle};
 pub use sim::Sim;

@@ -19,6 +19,9 @@ use crate::endpoint::AgentEndpoint;
 use crate::model::{AgentStatus, Lifecycle, Transition};
 use crate::spec::{ApiFault, LoggedRequest, SimOptions, WorkspaceSpec};
 use crate::state::{lock, Shared, World};
+use crate::tailnet::{self, Tailnet};
+use coder_tailnet::derp::{DerpServer, NodePublic};
+use coder_tailnet::proto::{Node, PeerUpdateKind};
 
 /// A running simulated Coder deployment. Cheap to clone.
 #[derive(Clone)]
@@ -74,6 +77,8 @@ impl Sim {
         let local = listener.local_addr()?;
         let (events, _) = broadcast::channel(1024);
         let (cut, _) = watch::channel(0u64);
+        let rt = tokio::runtime::Handle::current();
+        let tailnet = Arc::new(Tailnet::new(local, rt.clone()));
         let shared = Arc::new(Shared {
             world: Mutex::new(World::new()),
             events,
@@ -86,8 +91,9 @@ impl Sim {
             requests: Mutex::new(Vec::new()),
             watchers: AtomicUsize::new(0),
             cut,
-            rt: tokio::runtime::Handle::current(),
+            rt,
             tasks: Mutex::new(Vec::new()),
+            tailnet,
         });
         lock(&shared.world).user_id("alice");
         let app = crate::api::router(shared.clone());
@@ -124,6 +130,7 @@ impl Sim {
             ep.set_accepting(false);
             ep.kill_connections();
         }
+        self.shared.tailnet.shutdown();
     }
 
     /// `http://127.0.0.1:PORT`.
@@ -320,5 +327,157 @@ impl Sim {
             }
         };
         tokio::time::timeout(timeout, wait).await.is_ok()
+    }
+
+    // ----- tailnet ----------------------------------------------------------
+
+    /// The workspace's id and its current agent's id (newest build with
+    /// that agent).
+    fn agent_ids(&self, ws: &str, agent: &str) -> Option<(Uuid, Uuid)> {
+        let mut w = lock(&self.shared.world);
+        let i = w.ws_by_name(ws)?;
+        let ws_id = w.workspaces[i].id;
+        let agent_id = w.current_agent_mut(i, agent)?.id;
+        Some((ws_id, agent_id))
+    }
+
+    /// The id of the workspace's current agent of that name.
+    pub fn agent_id(&self, ws: &str, agent: &str) -> Option<Uuid> {
+        self.agent_ids(ws, agent).map(|(_, a)| a)
+    }
+
+    /// Node key of the agent's tailnet peer, while it runs (a start build
+    /// succeeded and no stop has taken effect).
+    pub fn agent_node_key(&self, ws: &str, agent: &str) -> Option<NodePublic> {
+        let (ws_id, _) = self.agent_ids(ws, agent)?;
+        self.shared.tailnet.with_agent(ws_id, agent, |p| p.key())
+    }
+
+    /// The embedded DERP relay (for finer checks: `is_connected`,
+    /// `wait_connected`, `stats`, Health/Restarting frames).
+    pub fn derp_server(&self) -> DerpServer {
+        self.shared.tailnet.derp.clone()
+    }
+
+    /// Cuts every coordinate websocket at the transport (no close frame);
+    /// clients are expected to redial. Returns how many were cut.
+    pub fn drop_coordinate_connections(&self) -> usize {
+        self.shared.tailnet.drop_coordinate_connections()
+    }
+
+    /// Drops every DERP connection (the fake agents' too) as a relay
+    /// restart would; the relay keeps its key and accepts reconnections
+    /// at once. Returns how many connections were dropped.
+    pub fn restart_derp(&self) -> usize {
+        self.shared.tailnet.restart_derp()
+    }
+
+    /// Sends `PeerUpdate{id = agent, kind}` (normally `Lost` or
+    /// `Disconnected`) to every client with a tunnel to the workspace's
+    /// current agent, without touching the agent itself. Returns how many
+    /// clients got it.
+    pub fn send_peer_update(&self, ws: &str, agent: &str, kind: PeerUpdateKind) -> usize {
+        match self.agent_ids(ws, agent) {
+            Some((_, a)) => self
+                .shared
+                .tailnet
+                .send_peer_update(tailnet::peer_id(a), kind),
+            None => {
+                log::warn!("coder-sim: send_peer_update: no agent {ws}.{agent}");
+                0
+            }
+        }
+    }
+
+    /// When the fake agents answer a client's node with
+    /// `ready_for_handshake`: `Some(d)` after `d` (default: `Some(ZERO)`,
+    /// at once), `None` never — clients must fall back to their 5 s rule.
+    /// Applies to nodes that arrive afterwards (and to answers still
+    /// waiting out a delay, which a later `None` cancels).
+    pub fn set_ready_for_handshake_delay(&self, delay: Option<Duration>) {
+        self.shared.tailnet.set_handshake_delay(delay);
+    }
+
+    /// Live coordinate websockets.
+    pub fn coordinate_connections(&self) -> usize {
+        self.shared.tailnet.coordinate_connections()
+    }
+
+    /// Peer ids of the live coordinate websockets for this agent.
+    pub fn coordinate_peers(&self, ws: &str, agent: &str) -> Vec<Uuid> {
+        match self.agent_ids(ws, agent) {
+            Some((_, a)) => self
+                .shared
+                .tailnet
+                .coordinate_peers(tailnet::peer_id(a))
+                .into_iter()
+                .map(tailnet::uuid)
+                .collect(),
+            None => Vec::new(),
+        }
+    }
+
+    /// Node keys connected to the DERP relay (fake agents included).
+    pub fn derp_clients(&self) -> usize {
+        self.shared.tailnet.derp.connected().len()
+    }
+
+    /// Streams through the agent's tailnet peer that are bridged to its
+    /// SSH endpoint right now.
+    pub fn tailnet_streams(&self, ws: &str, agent: &str) -> usize {
+        let Some((ws_id, _)) = self.agent_ids(ws, agent) else {
+            return 0;
+        };
+        self.shared
+            .tailnet
+            .with_agent(ws_id, agent, |p| p.live_streams())
+            .unwrap_or(0)
+    }
+
+    /// dRPC methods called on coordinate websockets so far, oldest first.
+    pub fn tailnet_rpcs(&self) -> Vec<String> {
+        lock(&self.shared.tailnet.rpcs).clone()
+    }
+
+    /// Peers connected to the coordinator (clients and fake agents).
+    pub fn coordinator_peers(&self) -> Vec<Uuid> {
+        self.shared
+            .tailnet
+            .coord
+            .peers()
+            .into_iter()
+            .map(tailnet::uuid)
+            .collect()
+    }
+
+    /// Connected clients with a tunnel to the agent.
+    pub fn tailnet_clients(&self, ws: &str, agent: &str) -> Vec<Uuid> {
+        match self.agent_ids(ws, agent) {
+            Some((_, a)) => self
+                .shared
+                .tailnet
+                .coord
+                .clients_of(tailnet::peer_id(a))
+                .into_iter()
+                .map(tailnet::uuid)
+                .collect(),
+            None => Vec::new(),
+        }
+    }
+
+    /// The node a coordinating peer last sent (`update_self`).
+    pub fn coordinator_node(&self, peer: Uuid) -> Option<Node> {
+        self.shared.tailnet.coord.node(tailnet::peer_id(peer))
+    }
+
+    /// Client node keys the agent's tailnet peer runs a WireGuard engine for.
+    pub fn agent_engine_keys(&self, ws: &str, agent: &str) -> Vec<NodePublic> {
+        let Some((ws_id, _)) = self.agent_ids(ws, agent) else {
+            return Vec::new();
+        };
+        self.shared
+            .tailnet
+            .with_agent(ws_id, agent, |p| p.engine_keys())
+            .unwrap_or_default()
     }
 }

@@ -23,6 +23,7 @@ use uuid::Uuid;
 use crate::endpoint::AgentEndpoint;
 use crate::model::{self, AgentStatus, JobStatus, Lifecycle, Time, Transition, WorkspaceStatus};
 use crate::spec::{AgentSpec, ApiFault, Initial, LoggedRequest, SimOptions, WorkspaceSpec};
+use crate::tailnet::{AgentInfo, Tailnet};
 
 /// Locks a mutex, ignoring poisoning: a panicked test task must not turn
 /// every later request into a panic too.
@@ -81,6 +82,8 @@ pub(crate) struct Shared {
     pub cut: watch::Sender<u64>,
     pub rt: tokio::runtime::Handle,
     pub tasks: Mutex<Vec<AbortHandle>>,
+    /// Coordinator, DERP relay and fake agent peers.
+    pub tailnet: Arc<Tailnet>,
 }
 
 pub(crate) struct User {
@@ -887,6 +890,7 @@ impl Shared {
         };
         self.publish(ws_id);
         if started {
+            self.tailnet_agents_started(build);
             self.start_agents(build, false);
         } else {
             self.schedule_linger_kill(build);
@@ -926,7 +930,38 @@ impl Shared {
             for ep in w.workspaces[ws].endpoints.values() {
                 ep.kill_connections();
             }
+            let ws_id = w.workspaces[ws].id;
+            drop(w);
+            me.tailnet.stop_workspace_agents(ws_id);
         });
+    }
+
+    /// A start build succeeded: its agents come up on the tailnet (and the
+    /// workspace's older agent peers go).
+    pub fn tailnet_agents_started(&self, build: Uuid) {
+        let found = {
+            let w = lock(&self.world);
+            w.builds.get(&build).and_then(|b| {
+                let i = w.ws_by_id(b.ws_id)?;
+                let eps = &w.workspaces[i].endpoints;
+                let infos: Vec<AgentInfo> = b
+                    .agents
+                    .iter()
+                    .filter_map(|a| {
+                        eps.get(&a.name).map(|ep| AgentInfo {
+                            id: a.id,
+                            ws_id: b.ws_id,
+                            name: a.name.clone(),
+                            ssh: ep.addr(),
+                        })
+                    })
+                    .collect();
+                Some((b.ws_id, infos))
+            })
+        };
+        if let Some((ws_id, infos)) = found {
+            self.tailnet.agents_started(ws_id, infos);
+        }
     }
 
     /// Runs each agent's script for a start build that just succeeded.
@@ -1263,6 +1298,7 @@ impl Shared {
         w.workspaces[i].fail_next_start = spec.fail_next_start;
         drop(w);
         if let Some(b) = settle {
+            self.tailnet_agents_started(b);
             self.start_agents(b, true);
         }
         if let Some(b) = drive {

@@ -18,7 +18,11 @@
 //!   that just ends sends `LOST`; either way the leaver's own tunnels (as a
 //!   source) go, while tunnels *to* it stay, so a returning agent's node
 //!   reaches its clients again;
-//! - a new stream with a connected peer's ID replaces the old one silently;
+//! - a new stream with a connected peer's ID replaces the old one silently
+//!   (its tunnels stay; it must send its node again);
+//! - a (re)connecting peer gets `NODE` for every connected peer it already
+//!   shares a tunnel with, so an agent that comes up after its clients
+//!   still learns their nodes;
 //! - a peer whose response queue (512) is full is removed with
 //!   `DISCONNECTED` ("failed update").
 //!
@@ -213,6 +217,14 @@ impl Coordinator {
                 tx,
             },
         );
+        // Tunnels outlive their destination's streams: a (re)connecting
+        // peer learns the nodes of the peers it already shares one with.
+        for p in st.tunnel_peers(id) {
+            if let Some(n) = st.peers.get(&p).and_then(|q| q.node.clone()) {
+                st.send_update(id, update(p, PeerUpdateKind::Node, Some(n), "connected"));
+            }
+        }
+        st.reap_slow();
         (conn, rx)
     }
 
@@ -230,7 +242,12 @@ impl Coordinator {
         result
     }
 
-    fn apply(st: &mut State, id: PeerId, conn: u64, req: &CoordinateRequest) -> Result<(), Refused> {
+    fn apply(
+        st: &mut State,
+        id: PeerId,
+        conn: u64,
+        req: &CoordinateRequest,
+    ) -> Result<(), Refused> {
         let role = match st.peers.get(&id) {
             Some(p) if p.conn == conn => p.role,
             _ => return Err(Refused("this coordination stream was replaced".into())),
@@ -244,7 +261,10 @@ impl Coordinator {
                 p.node = Some(node.clone());
             }
             for to in st.tunnel_peers(id) {
-                st.send_update(to, update(id, PeerUpdateKind::Node, Some(node.clone()), "update"));
+                st.send_update(
+                    to,
+                    update(id, PeerUpdateKind::Node, Some(node.clone()), "update"),
+                );
             }
         }
 
@@ -290,7 +310,12 @@ impl Coordinator {
                 if st.shares_tunnel(id, to) {
                     st.send_update(
                         to,
-                        update(id, PeerUpdateKind::ReadyForHandshake, None, "ready for handshake"),
+                        update(
+                            id,
+                            PeerUpdateKind::ReadyForHandshake,
+                            None,
+                            "ready for handshake",
+                        ),
                     );
                 } else {
                     // Not fatal: the agent may race a client that just left.
@@ -392,16 +417,26 @@ mod tests {
         let agent = PeerId::new_v4();
         let client = PeerId::new_v4();
         let (ac, mut arx) = c.connect(agent, Role::Agent);
-        c.handle(agent, ac, &CoordinateRequest::update_self(node("fd7a:115c:a1e0::1/128")))
-            .unwrap();
+        c.handle(
+            agent,
+            ac,
+            &CoordinateRequest::update_self(node("fd7a:115c:a1e0::1/128")),
+        )
+        .unwrap();
         let (cc, mut crx) = c.connect(client, Role::Client { agent });
-        c.handle(client, cc, &CoordinateRequest::add_tunnel(agent)).unwrap();
+        c.handle(client, cc, &CoordinateRequest::add_tunnel(agent))
+            .unwrap();
         assert_eq!(kinds(&mut crx)[0].0, PeerUpdateKind::Node);
         assert!(kinds(&mut arx).is_empty(), "client has no node yet");
-        c.handle(client, cc, &CoordinateRequest::update_self(node("fd60:627a:a42b::9/128")))
-            .unwrap();
+        c.handle(
+            client,
+            cc,
+            &CoordinateRequest::update_self(node("fd60:627a:a42b::9/128")),
+        )
+        .unwrap();
         assert_eq!(kinds(&mut arx)[0].0, PeerUpdateKind::Node);
-        c.handle(agent, ac, &CoordinateRequest::ready_for_handshake([client])).unwrap();
+        c.handle(agent, ac, &CoordinateRequest::ready_for_handshake([client]))
+            .unwrap();
         let got = kinds(&mut crx);
         assert_eq!(got[0].0, PeerUpdateKind::ReadyForHandshake);
         assert!(!got[0].1, "node only with NODE");
@@ -410,9 +445,37 @@ mod tests {
         c.leave(client, cc, false);
         assert!(kinds(&mut arx).is_empty());
         assert!(crx.try_recv().is_err());
-        c.handle(client, cc2, &CoordinateRequest::add_tunnel(agent)).unwrap();
+        c.handle(client, cc2, &CoordinateRequest::add_tunnel(agent))
+            .unwrap();
         c.leave(client, cc2, false);
         assert_eq!(kinds(&mut arx)[0].0, PeerUpdateKind::Lost);
+    }
+
+    #[test]
+    fn agent_arriving_after_its_client_gets_the_client_node() {
+        let c = Coordinator::default();
+        let agent = PeerId::new_v4();
+        let client = PeerId::new_v4();
+        let (cc, mut crx) = c.connect(client, Role::Client { agent });
+        c.handle(client, cc, &CoordinateRequest::add_tunnel(agent))
+            .unwrap();
+        c.handle(
+            client,
+            cc,
+            &CoordinateRequest::update_self(node("fd60:627a:a42b::9/128")),
+        )
+        .unwrap();
+        let (ac, mut arx) = c.connect(agent, Role::Agent);
+        let got = kinds(&mut arx);
+        assert_eq!(got.len(), 1, "{got:?}");
+        assert_eq!(got[0].0, PeerUpdateKind::Node);
+        c.handle(
+            agent,
+            ac,
+            &CoordinateRequest::update_self(node("fd7a:115c:a1e0::1/128")),
+        )
+        .unwrap();
+        assert_eq!(kinds(&mut crx)[0].0, PeerUpdateKind::Node);
     }
 
     #[test]
@@ -422,7 +485,9 @@ mod tests {
         let other = PeerId::new_v4();
         let client = PeerId::new_v4();
         let (cc, mut crx) = c.connect(client, Role::Client { agent });
-        assert!(c.handle(client, cc, &CoordinateRequest::add_tunnel(other)).is_err());
+        assert!(c
+            .handle(client, cc, &CoordinateRequest::add_tunnel(other))
+            .is_err());
         let bad = CoordinateRequest {
             update_self: Some(UpdateSelf {
                 node: Some(node("fd60:627a:a42b::/64")),
@@ -437,7 +502,8 @@ mod tests {
         assert_eq!(errs.len(), 3);
         assert!(errs[0].2.contains("invalid agent id"), "{errs:?}");
         let (ac, mut arx) = c.connect(agent, Role::Agent);
-        c.handle(agent, ac, &CoordinateRequest::ready_for_handshake([other])).unwrap();
+        c.handle(agent, ac, &CoordinateRequest::ready_for_handshake([other]))
+            .unwrap();
         assert!(kinds(&mut arx)[0].2.contains("do not share a tunnel"));
     }
 
@@ -448,7 +514,8 @@ mod tests {
         let client = PeerId::new_v4();
         let (ac, _arx) = c.connect(agent, Role::Agent);
         let (cc, mut crx) = c.connect(client, Role::Client { agent });
-        c.handle(client, cc, &CoordinateRequest::add_tunnel(agent)).unwrap();
+        c.handle(client, cc, &CoordinateRequest::add_tunnel(agent))
+            .unwrap();
         assert_eq!(c.inject(agent, PeerUpdateKind::Lost, "sim"), 1);
         assert_eq!(kinds(&mut crx)[0].0, PeerUpdateKind::Lost);
         c.leave(agent, ac, true);

@@ -44,13 +44,6 @@ pub const RESUME_TOKEN_EXPIRY: Duration = Duration::from_secs(24 * 3600);
 /// Newest tailnet API minor version accepted on `/coordinate` (major 2).
 pub const API_MINOR_MAX: u32 = 5;
 
-/// When the fake agents answer a client's node with `ready_for_handshake`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) struct HandshakePolicy {
-    pub delay: Duration,
-    pub withhold: bool,
-}
-
 /// A coordinate websocket as the fault hooks see it.
 struct CoordConn {
     peer: PeerId,
@@ -75,9 +68,13 @@ pub(crate) struct Tailnet {
     conns: Mutex<HashMap<u64, CoordConn>>,
     next_conn: AtomicU64,
     agents: Mutex<HashMap<Uuid, AgentPeer>>,
-    handshake: Mutex<HandshakePolicy>,
+    /// When the fake agents answer a client's node with
+    /// `ready_for_handshake`: after this delay, or never (`None`).
+    handshake_delay: Mutex<Option<Duration>>,
     /// Makes boringtun session indexes unique across every engine.
     next_engine: AtomicU64,
+    /// dRPC methods invoked on coordinate websockets, oldest first.
+    pub rpcs: Mutex<Vec<String>>,
 }
 
 /// What a fake agent peer needs to know about its agent.
@@ -102,11 +99,9 @@ impl Tailnet {
             conns: Mutex::new(HashMap::new()),
             next_conn: AtomicU64::new(1),
             agents: Mutex::new(HashMap::new()),
-            handshake: Mutex::new(HandshakePolicy {
-                delay: Duration::ZERO,
-                withhold: false,
-            }),
+            handshake_delay: Mutex::new(Some(Duration::ZERO)),
             next_engine: AtomicU64::new(1),
+            rpcs: Mutex::new(Vec::new()),
         }
     }
 
@@ -172,13 +167,7 @@ impl Tailnet {
         let mut tokens = lock(&self.tokens);
         let now = SystemTime::now();
         tokens.retain(|_, t| t.expires > now);
-        tokens.insert(
-            token.clone(),
-            ResumeToken {
-                peer,
-                expires,
-            },
-        );
+        tokens.insert(token.clone(), ResumeToken { peer, expires });
         (token, expires)
     }
 
@@ -192,7 +181,11 @@ impl Tailnet {
     // ----- coordinate connections -----------------------------------------
 
     /// Registers a live coordinate websocket; the guard unregisters it.
-    fn register_conn(self: &Arc<Self>, peer: PeerId, agent: PeerId) -> (ConnGuard, Arc<KillSwitch>) {
+    fn register_conn(
+        self: &Arc<Self>,
+        peer: PeerId,
+        agent: PeerId,
+    ) -> (ConnGuard, Arc<KillSwitch>) {
         let id = self.next_conn.fetch_add(1, Ordering::Relaxed);
         let kill = Arc::new(KillSwitch::default());
         lock(&self.conns).insert(
@@ -245,16 +238,13 @@ impl Tailnet {
         self.coord.inject(agent, kind, "sim: injected")
     }
 
-    pub fn handshake_policy(&self) -> HandshakePolicy {
-        *lock(&self.handshake)
+    /// `Some(delay)`: answer after `delay`; `None`: never answer.
+    pub fn handshake_delay(&self) -> Option<Duration> {
+        *lock(&self.handshake_delay)
     }
 
-    pub fn set_handshake_delay(&self, delay: Duration) {
-        lock(&self.handshake).delay = delay;
-    }
-
-    pub fn withhold_handshake(&self, withhold: bool) {
-        lock(&self.handshake).withhold = withhold;
+    pub fn set_handshake_delay(&self, delay: Option<Duration>) {
+        *lock(&self.handshake_delay) = delay;
     }
 
     pub fn next_engine_index(&self) -> u32 {
@@ -286,7 +276,7 @@ impl Tailnet {
             stale
         };
         for p in stale {
-            p.stop();
+            p.stop(self);
         }
     }
 
@@ -302,12 +292,17 @@ impl Tailnet {
             ids.iter().filter_map(|id| map.remove(id)).collect()
         };
         for p in stale {
-            p.stop();
+            p.stop(self);
         }
     }
 
     /// Runs `f` on the peer of `(ws_id, name)`, if one is running.
-    pub fn with_agent<T>(&self, ws_id: Uuid, name: &str, f: impl FnOnce(&AgentPeer) -> T) -> Option<T> {
+    pub fn with_agent<T>(
+        &self,
+        ws_id: Uuid,
+        name: &str,
+        f: impl FnOnce(&AgentPeer) -> T,
+    ) -> Option<T> {
         let map = lock(&self.agents);
         map.values()
             .find(|p| p.info.ws_id == ws_id && p.info.name == name)
@@ -318,7 +313,7 @@ impl Tailnet {
     pub fn shutdown(&self) {
         let all: Vec<AgentPeer> = lock(&self.agents).drain().map(|(_, p)| p).collect();
         for p in all {
-            p.stop();
+            p.stop(self);
         }
         self.drop_coordinate_connections();
         self.derp.drop_all();

@@ -1,0 +1,169 @@
+//! End-to-end over the native tailnet transport: the real OpenSSH client
+//! runs coder-proxy with `--tunnel tailnet` (and `auto`), which reaches
+//! coder-sim's agent through the coordinate websocket, the DERP relay and
+//! WireGuard — with faults injected mid-transfer and nothing lost.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use coder_sim::WorkspaceSpec;
+use coder_tailnet::proto::PeerUpdateKind;
+use common::*;
+
+const LIMIT: Duration = Duration::from_secs(120);
+const MIB: usize = 1024 * 1024;
+
+/// `ssh` through coder-proxy over tailnet.
+fn ssh_tailnet(env: &Env, extra: &str, host: &str) -> tokio::process::Command {
+    let mut c = tokio::process::Command::new("ssh");
+    c.args(ssh_opts())
+        .arg("-o")
+        .arg(format!(
+            "ProxyCommand={PROXY} --global-config {} --tunnel tailnet {extra} %h",
+            env.config_dir().display()
+        ))
+        .arg(host)
+        .env_remove("CODER_SESSION_TOKEN")
+        .env_remove("CODER_URL")
+        .kill_on_drop(true);
+    c
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exec_over_tailnet_with_step_logs() {
+    if !have_openssh() {
+        return;
+    }
+    let env = Env::new(vec![WorkspaceSpec::new("dev")]).await;
+    let mut c = ssh_tailnet(&env, "-v", "dev.coder");
+    c.arg("echo over-tailnet; exit 5");
+    let t = Instant::now();
+    let out = run(c, None, LIMIT).await;
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(5), "{err}");
+    assert_eq!(text(&out.stdout), "over-tailnet\n");
+    eprintln!("tailnet exec took {:?}", t.elapsed());
+    for step in [
+        "connection info in",
+        "coordinate up in",
+        "DERP region 999 up in",
+        "agent node received",
+        "handshake complete",
+        "stream to the agent open after",
+    ] {
+        assert!(err.contains(step), "missing {step:?} in the -v log:\n{err}");
+    }
+    assert!(!err.contains(&env.sim.token()), "token in the log");
+    assert!(!err.contains("privkey:"), "a private key in the log");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auto_uses_tailnet_without_coder_connect() {
+    if !have_openssh() {
+        return;
+    }
+    let env = Env::new(vec![WorkspaceSpec::new("dev")]).await;
+    let mut c = tokio::process::Command::new("ssh");
+    c.args(ssh_opts())
+        .arg("-o")
+        .arg(format!(
+            "ProxyCommand={PROXY} --global-config {} %h",
+            env.config_dir().display()
+        ))
+        .arg("dev.coder")
+        .arg("echo auto")
+        .kill_on_drop(true);
+    let out = run(c, None, LIMIT).await;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), "auto\n");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scp_64_mib_over_tailnet() {
+    if !have_openssh() {
+        return;
+    }
+    let env = Env::new(vec![WorkspaceSpec::new("dev")]).await;
+    let src = env.path("src.bin");
+    random_file(&src, 64 * MIB, 3);
+    let remote = env.path("remote.bin");
+    let pc = format!(
+        "ProxyCommand={PROXY} --global-config {} --tunnel tailnet %h",
+        env.config_dir().display()
+    );
+    let mut up = tokio::process::Command::new("scp");
+    up.args(ssh_opts())
+        .arg("-o")
+        .arg(&pc)
+        .arg(&src)
+        .arg(format!("dev.coder:{}", remote.display()));
+    let t = Instant::now();
+    let out = run(up, None, LIMIT).await;
+    assert!(out.status.success(), "scp: {}", text(&out.stderr));
+    let secs = t.elapsed().as_secs_f64();
+    eprintln!(
+        "tailnet scp: 64 MiB in {secs:.2}s = {:.1} MiB/s",
+        64.0 / secs
+    );
+    assert_eq!(sha256_file(&remote), sha256_file(&src));
+}
+
+/// Faults on the control plane and the relay during a transfer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn faults_mid_transfer_over_tailnet_lose_nothing() {
+    if !have_openssh() {
+        return;
+    }
+    let env = Env::new(vec![WorkspaceSpec::new("dev")]).await;
+    let data: Vec<u8> = (0..32 * MIB as u32)
+        .map(|i| (i.wrapping_mul(2246822519) >> 13) as u8)
+        .collect();
+    let want = sha256(&data);
+    let sim = env.sim.clone();
+    let faults = tokio::spawn(async move {
+        // Wait until the session is up, then pile on.
+        let start = Instant::now();
+        while sim.tailnet_streams("dev", "dev") == 0 && start.elapsed() < Duration::from_secs(60) {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        sim.drop_coordinate_connections();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        sim.send_peer_update("dev", "dev", PeerUpdateKind::Lost);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        sim.send_peer_update("dev", "dev", PeerUpdateKind::Disconnected);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        sim.restart_derp();
+    });
+    let mut c = ssh_tailnet(&env, "-v", "dev.coder");
+    c.arg("sleep 1; sha256sum | cut -d' ' -f1");
+    let out = run(c, Some(&data), LIMIT).await;
+    faults.await.unwrap();
+    let err = text(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert_eq!(text(&out.stdout).trim(), want, "bytes lost:\n{err}");
+    assert!(err.contains("coordinate connection restored"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn late_ready_for_handshake_uses_the_five_second_rule() {
+    if !have_openssh() {
+        return;
+    }
+    let env = Env::new(vec![WorkspaceSpec::new("dev")]).await;
+    env.sim
+        .set_ready_for_handshake_delay(Some(Duration::from_secs(60)));
+    let mut c = ssh_tailnet(&env, "-v", "dev.coder");
+    c.arg("echo late");
+    let t = Instant::now();
+    let out = run(c, None, LIMIT).await;
+    let err = text(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert_eq!(text(&out.stdout), "late\n");
+    assert!(
+        t.elapsed() >= Duration::from_secs(5),
+        "handshook before the 5 s rule allowed"
+    );
+    assert!(err.contains("no READY_FOR_HANDSHAKE"), "{err}");
+}

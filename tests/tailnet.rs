@@ -144,6 +144,17 @@ async fn faults_mid_transfer_over_tailnet_lose_nothing() {
     assert!(out.status.success(), "{err}");
     assert_eq!(text(&out.stdout).trim(), want, "bytes lost:\n{err}");
     assert!(err.contains("coordinate connection restored"), "{err}");
+    // The redial carried the resume token (so the peer ID, and thus our
+    // address, stayed the same).
+    let redialed_with_token = env
+        .sim
+        .request_log()
+        .iter()
+        .any(|r| r.path.contains("/coordinate?") && r.path.contains("resume_token="));
+    assert!(
+        redialed_with_token,
+        "the coordinate redial did not reuse the resume token"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -166,4 +177,26 @@ async fn late_ready_for_handshake_uses_the_five_second_rule() {
         "handshook before the 5 s rule allowed"
     );
     assert!(err.contains("no READY_FOR_HANDSHAKE"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forced_websockets_reach_the_relay_over_a_websocket() {
+    if !have_openssh() {
+        return;
+    }
+    let env = Env::new(vec![WorkspaceSpec::new("dev")]).await;
+    env.sim.set_derp_force_websockets(true);
+    let mut c = ssh_tailnet(&env, "-v", "dev.coder");
+    c.arg("echo via-ws");
+    let out = run(c, None, LIMIT).await;
+    let err = text(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert_eq!(text(&out.stdout), "via-ws\n");
+    assert!(err.contains("websocket /derp upgraded"), "{err}");
+    // The resume token and StreamDERPMaps were used on the way.
+    let rpcs = format!("{:?}", env.sim.tailnet_rpcs());
+    assert!(
+        rpcs.contains("RefreshResumeToken") && rpcs.contains("StreamDERPMaps"),
+        "{rpcs}"
+    );
 }

@@ -372,6 +372,15 @@ impl Sim {
         self.shared.tailnet.restart_derp()
     }
 
+    /// Sets `derp_force_websockets` in the connection info, so clients use
+    /// the relay's websocket (`derp` subprotocol) instead of `Upgrade: DERP`.
+    pub fn set_derp_force_websockets(&self, yes: bool) {
+        self.shared
+            .tailnet
+            .force_websockets
+            .store(yes, std::sync::atomic::Ordering::Relaxed);
+    }
+
     /// Sends `PeerUpdate{id = agent, kind}` (normally `Lost` or
     /// `Disconnected`) to every client with a tunnel to the workspace's
     /// current agent, without touching the agent itself. Returns how many

@@ -15,7 +15,7 @@ use reqwest::header::{HeaderName, HeaderValue};
 use url::Url;
 
 use coder_tailnet::client::{self, BoxFuture, BoxIo, Dialer};
-use coder_tailnet::derpmap::DerpMap;
+use coder_tailnet::derpmap::{DerpMap, DerpTarget};
 use coder_tailnet::proto::PeerId;
 
 use super::{net, DialTarget};
@@ -26,7 +26,6 @@ struct CoderDialer {
     base: Url,
     agent_id: String,
     headers: Vec<(HeaderName, HeaderValue)>,
-    derp_map: DerpMap,
     force_websockets: bool,
 }
 
@@ -50,8 +49,11 @@ impl Dialer for CoderDialer {
         })
     }
 
-    fn derp(&self, region: i64) -> BoxFuture<Result<BoxIo>> {
-        let target = self.derp_map.target(region);
+    fn fix_map(&self, map: &mut DerpMap) {
+        rewrite_to_base(map, &self.base);
+    }
+
+    fn derp(&self, t: DerpTarget) -> BoxFuture<Result<BoxIo>> {
         // The relay needs no token; only the deployment's own headers.
         let headers: Vec<(HeaderName, HeaderValue)> = self
             .headers
@@ -61,7 +63,6 @@ impl Dialer for CoderDialer {
             .collect();
         let force_ws = self.force_websockets;
         Box::pin(async move {
-            let t = target.ok_or_else(|| anyhow!("DERP region {region} is not in the map"))?;
             let url = Url::parse(&t.url()).context("DERP URL")?;
             if !force_ws {
                 let io = net::connect(t.scheme == "https", &t.dial_host, t.port, &t.host).await?;
@@ -92,6 +93,14 @@ impl Dialer for CoderDialer {
     }
 }
 
+/// Point the embedded relay at the deployment URL we use (as Coder's SDK does).
+fn rewrite_to_base(map: &mut DerpMap, base: &Url) {
+    if let Some(host) = base.host_str() {
+        let port = base.port_or_known_default().unwrap_or(443);
+        map.rewrite_embedded_relay(base.scheme(), host, port);
+    }
+}
+
 /// Open a stream to the agent's SSH server over tailnet.
 pub async fn dial(client: &Client, t: &DialTarget) -> Result<client::Tunnel> {
     let started = std::time::Instant::now();
@@ -106,13 +115,7 @@ pub async fn dial(client: &Client, t: &DialTarget) -> Result<client::Tunnel> {
         started.elapsed().as_millis()
     );
     let base = client.base().clone();
-    let host = base
-        .host_str()
-        .ok_or_else(|| anyhow!("the deployment URL has no host"))?
-        .to_string();
-    let port = base.port_or_known_default().unwrap_or(443);
-    info.derp_map
-        .rewrite_embedded_relay(base.scheme(), &host, port);
+    rewrite_to_base(&mut info.derp_map, &base);
     log::debug!(
         "tailnet: {} DERP region(s), home {:?}",
         info.derp_map.regions.len(),
@@ -122,7 +125,6 @@ pub async fn dial(client: &Client, t: &DialTarget) -> Result<client::Tunnel> {
         base,
         agent_id: t.agent_id.clone(),
         headers: client.upgrade_headers().to_vec(),
-        derp_map: info.derp_map.clone(),
         force_websockets: info.derp_force_websockets,
     };
     let cfg = client::Config::new(agent_id, info.derp_map);

@@ -33,7 +33,7 @@ use crate::addr;
 use crate::derp::{
     ClientOptions, DerpClient, DerpSender, DiscoPublic, Event, NodePrivate, NodePublic,
 };
-use crate::derpmap::DerpMap;
+use crate::derpmap::{DerpMap, DerpTarget};
 use crate::drpc::{self, MessageReceiver, MessageSender};
 use crate::proto::{
     method, CoordinateRequest, CoordinateResponse, Node, PeerId, PeerUpdateKind,
@@ -54,9 +54,12 @@ pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
 pub trait Dialer: Send + Sync + 'static {
     /// The coordinate websocket as a byte stream.
     fn coordinate(&self, resume_token: Option<String>) -> BoxFuture<Result<BoxIo>>;
-    /// A stream already switched to DERP (HTTP upgrade or websocket) for
-    /// a region of the DERP map.
-    fn derp(&self, region: i64) -> BoxFuture<Result<BoxIo>>;
+    /// A stream already switched to DERP (HTTP upgrade or websocket) to
+    /// one relay node.
+    fn derp(&self, target: DerpTarget) -> BoxFuture<Result<BoxIo>>;
+    /// Adjust a map from `StreamDERPMaps` before use (e.g. point the
+    /// embedded relay at the URL we dial).
+    fn fix_map(&self, map: &mut DerpMap);
 }
 
 /// What the client needs to know.
@@ -108,6 +111,7 @@ enum Msg {
     Coordinate(CoordinateResponse),
     CoordinateDown(String),
     CoordinateUp(Box<CoordinateLink>),
+    DerpMap(DerpMap),
     Derp(i64, Event),
     DerpDown(i64, String),
     DerpUp(i64, DerpSender, tokio::task::JoinHandle<()>),
@@ -158,9 +162,13 @@ async fn open_coordinate(dialer: &dyn Dialer, token: Option<String>) -> Result<C
 async fn open_derp(
     dialer: &dyn Dialer,
     region: i64,
+    map: &DerpMap,
     key: &NodePrivate,
 ) -> Result<DerpClient<BoxIo>> {
-    let io = dialer.derp(region).await?;
+    let target = map
+        .target(region)
+        .ok_or_else(|| anyhow!("DERP region {region} is not in the map"))?;
+    let io = dialer.derp(target).await?;
     let client = DerpClient::handshake(io, key, ClientOptions::default())
         .await
         .with_context(|| format!("DERP login to region {region}"))?;
@@ -190,6 +198,41 @@ fn spawn_derp_reader(
         }
     });
     (sender, h)
+}
+
+/// Follow `StreamDERPMaps` on a coordinate session (best effort: old
+/// servers may not offer it, and its failure never tears anything down).
+fn spawn_derp_map_reader(session: &yamux::Session, dialer: Arc<dyn Dialer>, tx: mpsc::Sender<Msg>) {
+    let session = session.clone();
+    tokio::spawn(async move {
+        let stream = match session.open().await {
+            Ok(s) => s,
+            Err(e) => {
+                log::debug!("tailnet: StreamDERPMaps: {e}");
+                return;
+            }
+        };
+        let req = crate::proto::StreamDerpMapsRequest {}.encode_to_vec();
+        let mut rx = match drpc::server_stream(stream, method::STREAM_DERP_MAPS, &req).await {
+            Ok(rx) => rx,
+            Err(e) => {
+                log::debug!("tailnet: StreamDERPMaps unavailable: {e}");
+                return;
+            }
+        };
+        while let Ok(Some(bytes)) = rx.recv().await {
+            match crate::proto::DerpMap::decode(bytes.as_slice()) {
+                Ok(p) => {
+                    let mut map = DerpMap::from(&p);
+                    dialer.fix_map(&mut map);
+                    if tx.send(Msg::DerpMap(map)).await.is_err() {
+                        return;
+                    }
+                }
+                Err(e) => log::debug!("tailnet: bad DERP map from StreamDERPMaps: {e}"),
+            }
+        }
+    });
 }
 
 fn spawn_coordinate_reader(mut rx: CoordRx, tx: mpsc::Sender<Msg>) {
@@ -302,9 +345,10 @@ impl Controller {
         let tx = self.msgs_tx.clone();
         let key = self.key.clone();
         let is_home = region == self.home;
+        let map = self.cfg.derp_map.clone();
         tokio::spawn(async move {
             tokio::time::sleep(delay).await;
-            match open_derp(dialer.as_ref(), region, &key).await {
+            match open_derp(dialer.as_ref(), region, &map, &key).await {
                 Ok(client) => {
                     let (sender, h) = spawn_derp_reader(client, region, tx.clone());
                     if is_home {
@@ -463,7 +507,7 @@ pub async fn connect(dialer: Arc<dyn Dialer>, cfg: Config) -> Result<Tunnel> {
         .map(|r| r.token.clone())
         .filter(|t| !t.is_empty());
 
-    let derp = open_derp(dialer.as_ref(), home, &key).await?;
+    let derp = open_derp(dialer.as_ref(), home, &cfg.derp_map, &key).await?;
     log::debug!(
         "tailnet: DERP region {home} up in {}ms",
         started.elapsed().as_millis()
@@ -484,6 +528,7 @@ pub async fn connect(dialer: Arc<dyn Dialer>, cfg: Config) -> Result<Tunnel> {
     if let Some(rx) = link.reader.take() {
         spawn_coordinate_reader(rx, msgs_tx.clone());
     }
+    spawn_derp_map_reader(&link.session, dialer.clone(), msgs_tx.clone());
     let (sender, reader) = spawn_derp_reader(derp, home, msgs_tx.clone());
     sender.note_preferred(true).await.ok();
     let mut ctl = Controller {
@@ -557,8 +602,19 @@ pub async fn connect(dialer: Arc<dyn Dialer>, cfg: Config) -> Result<Tunnel> {
                         if let Some(rx) = link.reader.take() {
                             spawn_coordinate_reader(rx, ctl.msgs_tx.clone());
                         }
+                        spawn_derp_map_reader(&link.session, ctl.dialer.clone(), ctl.msgs_tx.clone());
                         ctl.coord = Some(*link);
                         ctl.announce().await;
+                    }
+                    Msg::DerpMap(map) => {
+                        if map != ctl.cfg.derp_map {
+                            log::debug!("tailnet: DERP map update: {} region(s)", map.regions.len());
+                            if map.target(ctl.home).is_some() {
+                                ctl.cfg.derp_map = map;
+                            } else {
+                                log::info!("tailnet: the new DERP map lacks our home region {}; keeping the old map", ctl.home);
+                            }
+                        }
                     }
                     Msg::Derp(_, Event::Packet { src, data }) => {
                         if disco_magic(&data) {

@@ -113,6 +113,48 @@ impl DerpTarget {
     }
 }
 
+impl From<&crate::proto::DerpMap> for DerpMap {
+    /// The map `StreamDERPMaps` sends, in the JSON model's shape.
+    fn from(p: &crate::proto::DerpMap) -> DerpMap {
+        let regions = p
+            .regions
+            .iter()
+            .map(|(id, r)| {
+                let nodes = r
+                    .nodes
+                    .iter()
+                    .map(|n| Node {
+                        name: n.name.clone(),
+                        region_id: n.region_id,
+                        host_name: n.host_name.clone(),
+                        cert_name: n.cert_name.clone(),
+                        ipv4: n.ipv4.clone(),
+                        ipv6: n.ipv6.clone(),
+                        stun_port: i64::from(n.stun_port),
+                        stun_only: n.stun_only,
+                        derp_port: i64::from(n.derp_port),
+                        insecure_for_tests: n.insecure_for_tests,
+                        force_http: n.force_http,
+                    })
+                    .collect();
+                let region = Region {
+                    region_id: r.region_id,
+                    embedded_relay: r.embedded_relay,
+                    region_code: r.region_code.clone(),
+                    region_name: r.region_name.clone(),
+                    avoid: r.avoid,
+                    nodes,
+                };
+                (*id, region)
+            })
+            .collect();
+        DerpMap {
+            regions,
+            omit_default_regions: false,
+        }
+    }
+}
+
 impl DerpMap {
     /// Point the embedded relay's nodes at the deployment URL we use.
     pub fn rewrite_embedded_relay(&mut self, scheme: &str, host: &str, port: u16) {

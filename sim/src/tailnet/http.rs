@@ -32,7 +32,7 @@ use crate::state::{lock, Refusal, Shared};
 fn connection_info_json(tn: &Tailnet) -> serde_json::Value {
     serde_json::json!({
         "derp_map": tn.derp_map_json(),
-        "derp_force_websockets": false,
+        "derp_force_websockets": tn.force_websockets.load(std::sync::atomic::Ordering::Relaxed),
         "disable_direct_connections": false,
         "hostname_suffix": "coder",
     })

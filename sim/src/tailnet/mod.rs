@@ -73,6 +73,8 @@ pub(crate) struct Tailnet {
     handshake_delay: Mutex<Option<Duration>>,
     /// Makes boringtun session indexes unique across every engine.
     next_engine: AtomicU64,
+    /// `derp_force_websockets` in the connection info.
+    pub force_websockets: std::sync::atomic::AtomicBool,
     /// dRPC methods invoked on coordinate websockets, oldest first.
     pub rpcs: Mutex<Vec<String>>,
 }
@@ -101,6 +103,7 @@ impl Tailnet {
             agents: Mutex::new(HashMap::new()),
             handshake_delay: Mutex::new(Some(Duration::ZERO)),
             next_engine: AtomicU64::new(1),
+            force_websockets: std::sync::atomic::AtomicBool::new(false),
             rpcs: Mutex::new(Vec::new()),
         }
     }

@@ -527,19 +527,7 @@ async fn new_start_build_and_delete_close_but_stopping_does_not() {
 async fn signals_end_the_proxy_promptly() {
     let env = Env::new(vec![WorkspaceSpec::new("dev")]).await;
     for sig in [libc_sig::HUP, libc_sig::TERM, libc_sig::INT] {
-        let mut cmd = env.proxy("dev", "dev", "dev");
-        cmd.stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        let mut child = cmd.spawn().unwrap();
-        let _stdin = child.stdin.take();
-        let mut out = child.stdout.take().unwrap();
-        let mut buf = [0u8; 8];
-        tokio::time::timeout(LIMIT, out.read_exact(&mut buf))
-            .await
-            .unwrap()
-            .unwrap();
-        assert_eq!(&buf, b"SSH-2.0-");
+        let (mut child, _stdin) = spawn_until_banner(env.proxy("dev", "dev", "dev")).await;
         let pid = child.id().unwrap().to_string();
         std::process::Command::new("kill")
             .arg(format!("-{sig}"))

@@ -254,18 +254,7 @@ async fn row3_api_hangs_mid_session() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn row5_tunnel_reset_exits_at_once() {
     let env = Env::new(vec![WorkspaceSpec::new("dev")]).await;
-    let mut cmd = env.proxy("dev", "dev", "dev");
-    cmd.stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    let mut child = cmd.spawn().unwrap();
-    let _stdin = child.stdin.take();
-    let mut out = child.stdout.take().unwrap();
-    let mut banner = [0u8; 8];
-    tokio::time::timeout(LIMIT, out.read_exact(&mut banner))
-        .await
-        .unwrap()
-        .unwrap();
+    let (mut child, _stdin) = spawn_until_banner(env.proxy("dev", "dev", "dev")).await;
     assert!(env.sim.reset_connections("dev", "dev"));
     let t = Instant::now();
     let status = tokio::time::timeout(Duration::from_secs(5), child.wait())
@@ -379,18 +368,7 @@ fn child_pid_named(parent: u32, name: &str) -> Option<u32> {
 async fn row7_close_orders() {
     let env = Env::new(vec![WorkspaceSpec::new("dev")]).await;
     // Remote closes: the proxy, stdin still open, exits promptly.
-    let mut cmd = env.proxy("dev", "dev", "dev");
-    cmd.stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    let mut child = cmd.spawn().unwrap();
-    let _stdin = child.stdin.take();
-    let mut out = child.stdout.take().unwrap();
-    let mut banner = [0u8; 8];
-    tokio::time::timeout(LIMIT, out.read_exact(&mut banner))
-        .await
-        .unwrap()
-        .unwrap();
+    let (mut child, _stdin) = spawn_until_banner(env.proxy("dev", "dev", "dev")).await;
     assert!(env.sim.kill_connections("dev", "dev"));
     let t = Instant::now();
     let status = tokio::time::timeout(Duration::from_secs(5), child.wait())

@@ -416,3 +416,24 @@ async fn serve_one(
         }
     }
 }
+
+/// Spawn a bare coder-proxy and wait until the agent's SSH banner arrives
+/// on its stdout; returns the child and its (still open) stdin.
+pub async fn spawn_until_banner(
+    mut cmd: Command,
+) -> (tokio::process::Child, tokio::process::ChildStdin) {
+    use tokio::io::AsyncReadExt;
+    cmd.stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = cmd.spawn().expect("spawn coder-proxy");
+    let stdin = child.stdin.take().expect("stdin");
+    let mut out = child.stdout.take().expect("stdout");
+    let mut banner = [0u8; 8];
+    tokio::time::timeout(Duration::from_secs(60), out.read_exact(&mut banner))
+        .await
+        .expect("no SSH banner within 60s")
+        .expect("stdout ended before the SSH banner");
+    assert_eq!(&banner, b"SSH-2.0-");
+    (child, stdin)
+}

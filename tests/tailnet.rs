@@ -7,7 +7,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use coder_sim::WorkspaceSpec;
+use coder_sim::{SimOptions, WorkspaceSpec};
 use coder_tailnet::proto::PeerUpdateKind;
 use common::*;
 
@@ -198,5 +198,141 @@ async fn forced_websockets_reach_the_relay_over_a_websocket() {
     assert!(
         rpcs.contains("RefreshResumeToken") && rpcs.contains("StreamDERPMaps"),
         "{rpcs}"
+    );
+}
+
+/// The agent homes on a second DERP region (10001, as a workspace proxy's
+/// relay would be) while our home is the embedded relay (999): the client
+/// must hold both connections — sending to the agent through 10001,
+/// hearing it on 999 — and the stream works as usual.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_in_another_region() {
+    if !have_openssh() {
+        return;
+    }
+    let opts = SimOptions {
+        agent_derp_region: Some(10001),
+        ..Default::default()
+    };
+    let env = Env::with_options(opts, vec![WorkspaceSpec::new("dev")]).await;
+    assert_eq!(env.sim.agent_derp_region(), 10001);
+    let data: Vec<u8> = (0..4 * MIB as u32)
+        .map(|i| (i.wrapping_mul(2654435761) >> 9) as u8)
+        .collect();
+    let want = sha256(&data);
+
+    // While the session is up: the client's key on both relays, with 999
+    // (and only 999) marked as its home.
+    let sim = env.sim.clone();
+    let watcher = tokio::spawn(async move {
+        let (home, away) = match (sim.derp_region_server(999), sim.derp_region_server(10001)) {
+            (Some(h), Some(a)) => (h, a),
+            _ => return None,
+        };
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_secs(60) {
+            let keys = sim
+                .tailnet_clients("dev", "dev")
+                .into_iter()
+                .filter_map(|p| sim.coordinator_node(p)?.node_key().ok());
+            for k in keys {
+                if home.is_connected(&k) && away.is_connected(&k) {
+                    return Some((home.is_preferred(&k), away.is_preferred(&k)));
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        None
+    });
+
+    let mut c = ssh_tailnet(&env, "-v", "dev.coder");
+    c.arg("echo exec-ok; sleep 1; sha256sum | cut -d' ' -f1");
+    let t = Instant::now();
+    let out = run(c, Some(&data), LIMIT).await;
+    let err = text(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    eprintln!("two-region session took {:?}", t.elapsed());
+    let stdout = text(&out.stdout);
+    let mut lines = stdout.lines();
+    assert_eq!(lines.next(), Some("exec-ok"), "{err}");
+    assert_eq!(lines.next(), Some(want.as_str()), "bytes lost:\n{err}");
+
+    // The client logged both regions: home, then the agent's.
+    assert!(err.contains("DERP region 999 up in"), "{err}");
+    assert!(
+        err.contains("agent node received (home region 10001)"),
+        "{err}"
+    );
+    assert!(err.contains("DERP region 10001 connected"), "{err}");
+    // The first handshake initiation went where the agent listens: had it
+    // gone through 999 (where the agent is not yet), WireGuard would have
+    // retried only after its 5 s RekeyTimeout.
+    let handshake_ms: u64 = err
+        .split("handshake complete ")
+        .nth(1)
+        .and_then(|r| r.split("ms").next())
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no handshake time in the -v log:\n{err}"));
+    assert!(
+        handshake_ms < 4000,
+        "handshake took {handshake_ms}ms:\n{err}"
+    );
+    let seen = watcher.await.unwrap();
+    assert_eq!(
+        seen,
+        Some((true, false)),
+        "the sim never saw the client on both relays (999 preferred)"
+    );
+
+    // Every datagram reached the agent through its home region; the agent
+    // answered through ours, so it holds both too.
+    let by_region = env.sim.agent_packets_by_region("dev", "dev");
+    assert!(
+        by_region.get(&10001).is_some_and(|&n| n > 1000),
+        "{by_region:?}"
+    );
+    assert_eq!(by_region.get(&999), None, "sent through the wrong region");
+    assert_eq!(env.sim.agent_derp_regions("dev", "dev"), vec![999, 10001]);
+}
+
+/// Both relays restart mid-transfer in the two-region setup: the client
+/// redials both (its home and the agent's) and nothing is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_in_another_region_survives_relay_restarts() {
+    if !have_openssh() {
+        return;
+    }
+    let opts = SimOptions {
+        agent_derp_region: Some(10001),
+        ..Default::default()
+    };
+    let env = Env::with_options(opts, vec![WorkspaceSpec::new("dev")]).await;
+    let data: Vec<u8> = (0..16 * MIB as u32)
+        .map(|i| (i.wrapping_mul(2246822519) >> 11) as u8)
+        .collect();
+    let want = sha256(&data);
+    let sim = env.sim.clone();
+    let faults = tokio::spawn(async move {
+        let start = Instant::now();
+        while sim.tailnet_streams("dev", "dev") == 0 && start.elapsed() < Duration::from_secs(60) {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        for _ in 0..2 {
+            tokio::time::sleep(Duration::from_millis(400)).await;
+            sim.restart_derp();
+        }
+    });
+    let mut c = ssh_tailnet(&env, "-v", "dev.coder");
+    c.arg("sleep 1; sha256sum | cut -d' ' -f1");
+    let out = run(c, Some(&data), LIMIT).await;
+    faults.await.unwrap();
+    let err = text(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert_eq!(text(&out.stdout).trim(), want, "bytes lost:\n{err}");
+    assert!(err.contains("DERP region 10001 down"), "{err}");
+    assert!(err.contains("DERP region 999 down"), "{err}");
+    assert!(
+        err.matches("DERP region 10001 connected").count() >= 2,
+        "{err}"
     );
 }

@@ -10,7 +10,7 @@
 //! Modules: [`spec`] (what tests ask for), [`model`] (wire JSON), `state`
 //! (the world and its timers), `api` (axum routes), [`sim`] (the handle),
 //! [`endpoint`]/[`ssh`]/[`sshd`] (the agent side), `tailnet` (coordinator,
-//! DERP relay and fake agent peers for native tailnet clients), [`demo`]
+//! DERP relays and fake agent peers for native tailnet clients), [`demo`]
 //! (the README demo).
 
 mod api;

@@ -10,8 +10,8 @@ use std::time::Duration;
 use anyhow::{bail, Context as _};
 use clap::{Parser, Subcommand};
 use coder_sim::{
-    AgentSpec, AgentStatus, ApiFault, Initial, Lifecycle, Sim, SimOptions, SshBackend,
-    WorkspaceSpec,
+    AgentSpec, AgentStatus, ApiFault, Initial, Lifecycle, PeerUpdateKind, Sim, SimOptions,
+    SshBackend, WorkspaceSpec,
 };
 use tokio::io::AsyncBufReadExt;
 
@@ -34,7 +34,10 @@ enum Cmd {
     /// Reads control commands from stdin, one per line (acknowledged on stderr):
     /// `status WS AGENT connecting|connected|disconnected|timeout`,
     /// `lifecycle WS AGENT ready|starting|…`, `stop WS`, `start WS`, `delete WS`,
-    /// `fault none|hang|nonjson|CODE`, `cut-watch`, `kill WS AGENT`.
+    /// `fault none|hang|nonjson|CODE`, `cut-watch`, `kill WS AGENT`;
+    /// tailnet: `drop-coordinate`, `restart-derp`,
+    /// `peer-update WS AGENT lost|disconnected`, `rfh-delay MS|never`,
+    /// `force-websockets on|off`.
     Serve(ServeArgs),
     /// Run the README demo: ssh through coder-proxy into a simulated workspace.
     Demo {
@@ -73,6 +76,10 @@ struct ServeArgs {
     /// How long each build job runs, in milliseconds.
     #[arg(long, default_value_t = 1000)]
     build_time_ms: u64,
+    /// Add a second DERP region with this id (e.g. 10001) on its own
+    /// listener and home the agents there.
+    #[arg(long, value_name = "ID")]
+    agent_derp_region: Option<i64>,
 }
 
 fn parse_workspace(arg: &str) -> anyhow::Result<(String, Initial)> {
@@ -94,6 +101,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         } else {
             SshBackend::Embedded
         },
+        agent_derp_region: args.agent_derp_region,
         ..Default::default()
     };
     let sim = Sim::start_on(args.addr, opts).await?;
@@ -146,7 +154,8 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
                     continue;
                 }
                 match control(&sim, line) {
-                    Ok(()) => eprintln!("ok: {line}"),
+                    Ok(None) => eprintln!("ok: {line}"),
+                    Ok(Some(note)) => eprintln!("ok: {line} ({note})"),
                     Err(e) => eprintln!("error: {line}: {e:#}"),
                 }
             }
@@ -163,8 +172,8 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// One stdin control command.
-fn control(sim: &Sim, line: &str) -> anyhow::Result<()> {
+/// One stdin control command; `Some(note)` adds to the acknowledgement.
+fn control(sim: &Sim, line: &str) -> anyhow::Result<Option<String>> {
     let words: Vec<&str> = line.split_whitespace().collect();
     let known = |ws: &str| {
         if sim.workspace_json(ws).is_none() {
@@ -213,9 +222,41 @@ fn control(sim: &Sim, line: &str) -> anyhow::Result<()> {
                 bail!("no agent {agent:?} in {ws:?}");
             }
         }
+        ["drop-coordinate"] => {
+            let n = sim.drop_coordinate_connections();
+            return Ok(Some(format!("{n} coordinate connection(s) cut")));
+        }
+        ["restart-derp"] => {
+            let n = sim.restart_derp();
+            return Ok(Some(format!("{n} DERP connection(s) dropped")));
+        }
+        ["peer-update", ws, agent, kind] => {
+            known(ws)?;
+            let kind = match *kind {
+                "lost" => PeerUpdateKind::Lost,
+                "disconnected" => PeerUpdateKind::Disconnected,
+                other => bail!("unknown peer update {other:?} (want lost or disconnected)"),
+            };
+            if sim.agent_id(ws, agent).is_none() {
+                bail!("no agent {agent:?} in {ws:?}");
+            }
+            let n = sim.send_peer_update(ws, agent, kind);
+            return Ok(Some(format!("sent to {n} client(s)")));
+        }
+        ["rfh-delay", delay] => sim.set_ready_for_handshake_delay(match *delay {
+            "never" => None,
+            ms => Some(Duration::from_millis(ms.parse().with_context(|| {
+                format!("not a number of milliseconds or \"never\": {ms:?}")
+            })?)),
+        }),
+        ["force-websockets", on] => sim.set_derp_force_websockets(match *on {
+            "on" => true,
+            "off" => false,
+            other => bail!("want on or off, not {other:?}"),
+        }),
         _ => bail!("unknown command"),
     }
-    Ok(())
+    Ok(None)
 }
 
 fn main() -> ExitCode {

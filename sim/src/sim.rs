@@ -27,8 +27,8 @@ use coder_tailnet::proto::{Node, PeerUpdateKind};
 #[derive(Clone)]
 pub struct Sim {
     shared: Arc<Shared>,
-    /// Tells the HTTP server to stop accepting and close idle connections.
-    stop: Arc<tokio::sync::Notify>,
+    /// Tells the HTTP servers to stop accepting and close idle connections.
+    stop: Arc<watch::Sender<bool>>,
 }
 
 impl std::fmt::Debug for Sim {
@@ -55,6 +55,28 @@ fn random_token() -> String {
     format!("{id}-{secret}")
 }
 
+/// Serves `app` on `listener` until `stop` turns true (gracefully: idle
+/// connections close, upgraded ones are the sim's to end).
+fn serve_until(
+    listener: tokio::net::TcpListener,
+    app: axum::Router,
+    mut stop: watch::Receiver<bool>,
+    what: &'static str,
+) {
+    tokio::spawn(async move {
+        let stopped = async move {
+            // Every `Sim` handle gone without a shutdown: keep serving.
+            if stop.wait_for(|s| *s).await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        };
+        let serve = axum::serve(listener, app).with_graceful_shutdown(stopped);
+        if let Err(e) = serve.await {
+            log::error!("coder-sim: {what} stopped: {e}");
+        }
+    });
+}
+
 /// Usernames and workspace names as codersdk validates them.
 fn valid_name(s: &str) -> bool {
     !s.is_empty()
@@ -75,10 +97,33 @@ impl Sim {
             .await
             .with_context(|| format!("bind {addr}"))?;
         let local = listener.local_addr()?;
+        // The second DERP region listens on the same interface, any port.
+        let proxy = match opts.agent_derp_region {
+            Some(id) => {
+                anyhow::ensure!(
+                    id > 0 && id <= i64::from(i32::MAX) && id != i64::from(tailnet::DERP_REGION_ID),
+                    "agent_derp_region {id}: want a positive i32 other than {}",
+                    tailnet::DERP_REGION_ID
+                );
+                let l = tokio::net::TcpListener::bind(SocketAddr::new(addr.ip(), 0))
+                    .await
+                    .with_context(|| format!("bind the DERP region {id} listener"))?;
+                let mut at = l.local_addr()?;
+                if at.ip().is_unspecified() {
+                    at.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+                }
+                Some((id, l, at))
+            }
+            None => None,
+        };
         let (events, _) = broadcast::channel(1024);
         let (cut, _) = watch::channel(0u64);
         let rt = tokio::runtime::Handle::current();
-        let tailnet = Arc::new(Tailnet::new(local, rt.clone()));
+        let tailnet = Arc::new(Tailnet::new(
+            local,
+            proxy.as_ref().map(|(id, _, at)| (*id, *at)),
+            rt.clone(),
+        ));
         let shared = Arc::new(Shared {
             world: Mutex::new(World::new()),
             events,
@@ -97,15 +142,13 @@ impl Sim {
         });
         lock(&shared.world).user_id("alice");
         let app = crate::api::router(shared.clone());
-        let stop = Arc::new(tokio::sync::Notify::new());
-        let stopped = stop.clone();
-        tokio::spawn(async move {
-            let serve = axum::serve(listener, app)
-                .with_graceful_shutdown(async move { stopped.notified().await });
-            if let Err(e) = serve.await {
-                log::error!("coder-sim: server stopped: {e}");
-            }
-        });
+        let stop = Arc::new(watch::channel(false).0);
+        serve_until(listener, app, stop.subscribe(), "server");
+        if let Some((id, l, at)) = proxy {
+            log::info!("coder-sim: DERP region {id} relay on http://{at}/derp");
+            let app = crate::tailnet::http::proxy_router(shared.clone());
+            serve_until(l, app, stop.subscribe(), "DERP region server");
+        }
         Ok(Sim { shared, stop })
     }
 
@@ -113,8 +156,8 @@ impl Sim {
     /// hung requests stay hung), ends watch streams, stops every timer and
     /// every agent endpoint (killing their connections).
     pub fn shutdown(&self) {
-        // A stored permit: works even before the server task first polls.
-        self.stop.notify_one();
+        // A stored value: works even before the server tasks first poll.
+        self.stop.send_replace(true);
         self.cut_watch_streams();
         for t in lock(&self.shared.tasks).drain(..) {
             t.abort();
@@ -359,15 +402,59 @@ impl Sim {
         self.shared.tailnet.derp.clone()
     }
 
+    /// The relay of a DERP region: [`Sim::derp_server`] for 999, the
+    /// second relay for [`SimOptions::agent_derp_region`]; `None` for any
+    /// other id.
+    pub fn derp_region_server(&self, region: i64) -> Option<DerpServer> {
+        self.shared.tailnet.relay(region)
+    }
+
+    /// The region the fake agents home on (their node's `preferred_derp`):
+    /// [`SimOptions::agent_derp_region`] if set, else 999.
+    pub fn agent_derp_region(&self) -> i64 {
+        self.shared.tailnet.agent_region()
+    }
+
+    /// `http://HOST:PORT/derp` of the second region's relay, if any.
+    pub fn proxy_derp_url(&self) -> Option<String> {
+        let p = self.shared.tailnet.proxy.as_ref()?;
+        Some(format!("http://{}/derp", p.addr))
+    }
+
+    /// DERP regions the agent's tailnet peer holds a live connection to
+    /// (its home region, plus one per client home region it sends to).
+    pub fn agent_derp_regions(&self, ws: &str, agent: &str) -> Vec<i64> {
+        let Some((ws_id, _)) = self.agent_ids(ws, agent) else {
+            return Vec::new();
+        };
+        self.shared
+            .tailnet
+            .with_agent(ws_id, agent, |p| p.derp_regions())
+            .unwrap_or_default()
+    }
+
+    /// WireGuard datagrams the agent's tailnet peer received from clients,
+    /// by the DERP region they arrived through (since the peer started).
+    pub fn agent_packets_by_region(&self, ws: &str, agent: &str) -> BTreeMap<i64, u64> {
+        let Some((ws_id, _)) = self.agent_ids(ws, agent) else {
+            return BTreeMap::new();
+        };
+        self.shared
+            .tailnet
+            .with_agent(ws_id, agent, |p| p.packets_by_region())
+            .unwrap_or_default()
+    }
+
     /// Cuts every coordinate websocket at the transport (no close frame);
     /// clients are expected to redial. Returns how many were cut.
     pub fn drop_coordinate_connections(&self) -> usize {
         self.shared.tailnet.drop_coordinate_connections()
     }
 
-    /// Drops every DERP connection (the fake agents' too) as a relay
-    /// restart would; the relay keeps its key and accepts reconnections
-    /// at once. Returns how many connections were dropped.
+    /// Drops every DERP connection (the fake agents' too; both regions'
+    /// relays) as a relay restart would; the relays keep their keys and
+    /// accept reconnections at once. Returns how many connections were
+    /// dropped.
     pub fn restart_derp(&self) -> usize {
         self.shared.tailnet.restart_derp()
     }

@@ -17,6 +17,13 @@ pub struct SimOptions {
     pub ssh: SshBackend,
     /// Interval of the `event: ping` heartbeat on watch streams (coderd: 15 s).
     pub heartbeat: Duration,
+    /// A second, independent DERP region with this id (e.g. `10001`, as
+    /// coderd numbers workspace-proxy regions): its own relay on its own
+    /// loopback listener, advertised in the DERP map as a non-embedded
+    /// region, and the fake agents home there instead of on the embedded
+    /// relay (999). Clients then need two DERP connections. `None`
+    /// (default): one region, 999.
+    pub agent_derp_region: Option<i64>,
 }
 
 impl Default for SimOptions {
@@ -24,6 +31,7 @@ impl Default for SimOptions {
         SimOptions {
             ssh: SshBackend::default(),
             heartbeat: Duration::from_secs(15),
+            agent_derp_region: None,
         }
     }
 }

@@ -114,3 +114,91 @@ async fn serve_prints_config_and_obeys_stdin() {
         .unwrap();
     assert!(exit.success(), "{exit:?}");
 }
+
+#[tokio::test]
+async fn serve_takes_tailnet_faults_and_a_second_derp_region() {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_coder-sim"))
+        .args(["serve", "--agent-derp-region", "10001"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut stdout = BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut stderr = BufReader::new(child.stderr.take().unwrap()).lines();
+    let mut stdin = child.stdin.take().unwrap();
+    let line = tokio::time::timeout(Duration::from_secs(20), stdout.next_line())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    let info: Value = serde_json::from_str(&line).unwrap();
+    let url = info["url"].as_str().unwrap().to_string();
+    let token = info["token"].as_str().unwrap().to_string();
+    let conn_url = format!("{url}/api/v2/workspaceagents/connection");
+    let conn = get(&conn_url, &token).await;
+    let region = &conn["derp_map"]["Regions"]["10001"];
+    assert_eq!(region["EmbeddedRelay"], false, "{conn}");
+    assert_eq!(region["Nodes"][0]["HostName"], "127.0.0.1", "{conn}");
+    assert_eq!(conn["derp_force_websockets"], false);
+
+    let cmds = [
+        "drop-coordinate",
+        "restart-derp",
+        "peer-update dev dev lost",
+        "peer-update dev dev disconnected",
+        "peer-update dev dev gone",
+        "peer-update dev nosuch lost",
+        "rfh-delay 250",
+        "rfh-delay never",
+        "rfh-delay soon",
+        "force-websockets on",
+        "force-websockets maybe",
+    ];
+    stdin
+        .write_all(format!("{}\n", cmds.join("\n")).as_bytes())
+        .await
+        .unwrap();
+    let mut acks = Vec::new();
+    for _ in 0..cmds.len() {
+        let l = tokio::time::timeout(Duration::from_secs(10), stderr.next_line())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        acks.push(l);
+    }
+    let ok = |i: usize| acks[i].starts_with(&format!("ok: {}", cmds[i]));
+    let err = |i: usize| acks[i].starts_with(&format!("error: {}", cmds[i]));
+    assert_eq!(
+        acks[0], "ok: drop-coordinate (0 coordinate connection(s) cut)",
+        "{acks:?}"
+    );
+    assert!(
+        ok(1) && acks[1].contains("DERP connection(s) dropped"),
+        "{acks:?}"
+    );
+    assert_eq!(
+        acks[2],
+        "ok: peer-update dev dev lost (sent to 0 client(s))"
+    );
+    assert!(ok(3), "{acks:?}");
+    assert!(err(4) && err(5), "{acks:?}");
+    assert!(ok(6) && ok(7) && err(8), "{acks:?}");
+    assert!(ok(9) && err(10), "{acks:?}");
+    assert_eq!(get(&conn_url, &token).await["derp_force_websockets"], true);
+
+    let pid = child.id().unwrap().to_string();
+    let killed = Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .await
+        .unwrap();
+    assert!(killed.success());
+    let exit = tokio::time::timeout(Duration::from_secs(10), child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(exit.success(), "{exit:?}");
+}

@@ -2,7 +2,9 @@
 //! (Connect role, port 1) talks over the sim's DERP relay to the fake
 //! agent, whose userspace TCP listener bridges to the agent's SSH endpoint
 //! — first the SSH banner, then a real OpenSSH session that must survive
-//! the coordinator and relay faults.
+//! the coordinator and relay faults; and with the agent in a second DERP
+//! region, Tailscale's rule (send to the peer's home region, receive on
+//! your own) end to end.
 
 mod tailnet_common;
 
@@ -222,4 +224,91 @@ async fn openssh_session_survives_coordinator_and_relay_faults() {
         .unwrap();
     assert!(status.success(), "{status}");
     let _ = (d.agent, &d.coord);
+}
+
+/// The agent homes on region 10001, the client on 999: the client sends
+/// through 10001 and listens on 999, the agent answers through 999 (a
+/// connection it opens on demand), and the banner comes back.
+#[tokio::test]
+async fn agent_in_another_region_answers_on_the_clients_home() {
+    let sim = sim_with_dev_in_region(10001).await;
+    let agent_uuid = sim.agent_id("dev", "dev").unwrap();
+    let agent = PeerId(agent_uuid.into_bytes());
+    let client = Client::new();
+    // Home (999): receive only.
+    let home = derp_http(&sim, &client.private).await;
+    home.note_preferred(true).await.unwrap();
+    // The agent's home (10001): send (and receive, should it come there).
+    let away = derp_http_at(&proxy_host_port(&sim), &client.private).await;
+
+    let session = coordinate_session(&sim, &agent_uuid.to_string(), None).await;
+    let mut coord = Coordinate::open(&session).await;
+    coord.send(CoordinateRequest::add_tunnel(agent)).await;
+    coord
+        .send(CoordinateRequest::update_self(client.node()))
+        .await;
+    let node = coord
+        .next(coder_tailnet::proto::PeerUpdateKind::Node)
+        .await
+        .node
+        .unwrap();
+    assert_eq!(node.preferred_derp, 10001);
+    let agent_key = node.node_key().unwrap();
+    coord
+        .next(coder_tailnet::proto::PeerUpdateKind::ReadyForHandshake)
+        .await;
+    assert_eq!(
+        sim.agent_derp_regions("dev", "dev"),
+        vec![10001],
+        "nothing sent yet, so no connection to 999"
+    );
+
+    let (mut engine, outbound) = client_engine(&client, &agent_key, &agent);
+    let pump = Pump::new(engine.inbound.clone(), outbound, agent_key);
+    pump.attach(away);
+    let inbound = engine.inbound.clone();
+    let (_, mut rx) = home.into_split();
+    let from_home = tokio::spawn(async move {
+        let mut n = 0u64;
+        while let Ok(ev) = rx.recv().await {
+            if let coder_tailnet::derp::Event::Packet { src, data } = ev {
+                if src == agent_key {
+                    n += 1;
+                    if inbound.send(data).await.is_err() {
+                        break;
+                    }
+                }
+            }
+        }
+        n
+    });
+
+    let mut stream = next_stream(&mut engine).await;
+    stream.write_all(b"SSH-2.0-two-regions\r\n").await.unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !got.windows(8).any(|w| w == b"SSH-2.0-") {
+        let n = tokio::time::timeout(WAIT, stream.read(&mut buf))
+            .await
+            .expect("banner timed out")
+            .unwrap();
+        assert!(n > 0, "stream closed before the banner: {got:?}");
+        got.extend_from_slice(&buf[..n]);
+    }
+    let by_region = sim.agent_packets_by_region("dev", "dev");
+    assert!(
+        by_region.get(&10001).is_some_and(|&n| n >= 2),
+        "{by_region:?}"
+    );
+    assert!(!by_region.contains_key(&999), "{by_region:?}");
+    assert_eq!(sim.agent_derp_regions("dev", "dev"), vec![999, 10001]);
+    let relay = sim.derp_server();
+    assert!(relay.is_connected(&agent_key));
+    assert!(
+        !relay.is_preferred(&agent_key),
+        "999 is not the agent's home"
+    );
+    drop(stream);
+    from_home.abort();
+    let _ = (&session, &coord, &pump);
 }

@@ -1,6 +1,7 @@
 //! The embedded DERP relay over real sockets (`Upgrade: DERP` and the
 //! websocket `derp` fallback), the connection-info JSON that points at it,
-//! and the relay restart fault.
+//! the relay restart fault, and the optional second region (its own relay
+//! and listener, where the agents then home).
 
 mod tailnet_common;
 
@@ -10,6 +11,7 @@ use coder_tailnet::derp::{self, ClientOptions, DerpClient, Event, NodePrivate};
 use serde_json::{json, Value};
 use tailnet_common::*;
 use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 
 async fn get(sim: &coder_sim::Sim, path: &str, token: bool) -> (u16, Value) {
     let mut req = reqwest::Client::new().get(format!("{}{path}", sim.url()));
@@ -169,4 +171,98 @@ async fn restart_drops_everyone_and_the_agent_comes_back() {
     let _c = derp_http(&sim, &me).await;
     assert!(relay.wait_connected(&me.public(), true, WAIT).await);
     assert!(eventually(|| sim.derp_clients() == 2, Duration::from_secs(2)).await);
+}
+
+#[tokio::test]
+async fn second_region_is_advertised_served_apart_and_the_agent_homes_there() {
+    let sim = sim_with_dev_in_region(10001).await;
+    assert_eq!(sim.agent_derp_region(), 10001);
+    let agent = sim.agent_id("dev", "dev").unwrap();
+    let (s, info) = get(
+        &sim,
+        &format!("/api/v2/workspaceagents/{agent}/connection"),
+        true,
+    )
+    .await;
+    assert_eq!(s, 200);
+    let php = proxy_host_port(&sim);
+    let (phost, pport) = php.rsplit_once(':').unwrap();
+    let pport: u16 = pport.parse().unwrap();
+    assert_ne!(php, host_port(&sim), "a listener of its own");
+    assert_eq!(
+        info["derp_map"]["Regions"]["10001"],
+        json!({
+            "EmbeddedRelay": false, "RegionID": 10001, "RegionCode": "sim-proxy",
+            "RegionName": "coder-sim workspace proxy",
+            "Nodes": [{"Name": "10001a", "RegionID": 10001, "HostName": phost,
+                       "IPv4": "", "IPv6": "", "STUNPort": -1, "DERPPort": pport,
+                       "ForceHTTP": true}]})
+    );
+    assert_eq!(info["derp_map"]["Regions"]["999"]["EmbeddedRelay"], true);
+    // A client still homes on the embedded relay and finds the other region.
+    let parsed: coder_tailnet::derpmap::ConnectionInfo = serde_json::from_value(info).unwrap();
+    assert_eq!(parsed.derp_map.home_region(), Some(999));
+    assert_eq!(
+        Some(parsed.derp_map.target(10001).unwrap().url()),
+        sim.proxy_derp_url()
+    );
+
+    // The agent's node names 10001; it is connected there (as home), not
+    // on 999 (nothing to send to anyone yet).
+    let node = sim.coordinator_node(agent).expect("agent node");
+    assert_eq!(node.preferred_derp, 10001);
+    let key = sim.agent_node_key("dev", "dev").unwrap();
+    let proxy = sim.derp_region_server(10001).expect("region 10001 relay");
+    let embedded = sim.derp_server();
+    assert_ne!(proxy.public_key(), embedded.public_key());
+    assert!(proxy.wait_connected(&key, true, WAIT).await);
+    assert!(eventually(|| proxy.is_preferred(&key), WAIT).await);
+    assert!(!embedded.is_connected(&key));
+    assert_eq!(sim.agent_derp_regions("dev", "dev"), vec![10001]);
+    assert!(sim.derp_region_server(5).is_none());
+
+    // Its listener serves DERP (both ways in) and nothing else.
+    let me = NodePrivate::generate();
+    let c = derp_http_at(&php, &me).await;
+    assert_eq!(c.server_key(), proxy.public_key());
+    assert!(proxy.wait_connected(&me.public(), true, WAIT).await);
+    assert!(!embedded.is_connected(&me.public()));
+    let mut req = format!("ws://{php}/derp").into_client_request().unwrap();
+    req.headers_mut()
+        .insert("Sec-WebSocket-Protocol", "derp".parse().unwrap());
+    let tcp = TcpStream::connect(&php).await.unwrap();
+    let (ws, _) = tokio_tungstenite::client_async(req, tcp)
+        .await
+        .expect("websocket to the region's relay");
+    let you = NodePrivate::generate();
+    let mut w = DerpClient::handshake(
+        coder_tailnet::ws::WsStream::new(ws),
+        &you,
+        ClientOptions::default(),
+    )
+    .await
+    .expect("login over websocket");
+    assert_eq!(w.server_key(), proxy.public_key());
+    c.send(&you.public(), b"same region").await.unwrap();
+    assert_eq!(recv_packet(&mut w).await.1, b"same region".to_vec());
+    let base = format!("http://{php}");
+    let status = |path: &'static str| {
+        let url = format!("{base}{path}");
+        async move { reqwest::get(url).await.unwrap().status().as_u16() }
+    };
+    assert_eq!(status("/derp/latency-check").await, 200);
+    assert_eq!(status("/derp").await, 426);
+    assert_eq!(status("/api/v2/buildinfo").await, 404);
+
+    // No mesh: a packet for the agent sent through 999 reaches nobody.
+    let lost_before = embedded.stats().packets_unknown_dst;
+    let other = NodePrivate::generate();
+    let o = derp_http(&sim, &other).await;
+    o.send(&key, b"wrong region").await.unwrap();
+    assert!(eventually(|| embedded.stats().packets_unknown_dst > lost_before, WAIT).await);
+
+    // A restart drops both relays' connections; the agent comes back home.
+    assert!(sim.restart_derp() >= 4);
+    assert!(eventually(|| !proxy.is_connected(&me.public()), WAIT).await);
+    assert!(eventually(|| proxy.is_connected(&key), WAIT).await);
 }

@@ -6,7 +6,10 @@
 //! its home DERP region, sends `add_tunnel` + `update_self`, waits for the
 //! agent's node and for `READY_FOR_HANDSHAKE` (or 5 s after the node, as
 //! Coder does), then runs WireGuard + userspace TCP to the agent's SSH port
-//! over DERP and returns the byte stream.
+//! over DERP and returns the byte stream. When the agent homes on another
+//! DERP region it opens a second connection there for sending (Tailscale:
+//! send to the peer's home region, receive on your own) and starts the
+//! handshake once that connection is up (or its first dial took 3 s).
 //!
 //! After that a controller task keeps the stream's supports alive: it
 //! redials a dropped coordinate websocket (50 ms → 10 s backoff, reusing
@@ -17,7 +20,7 @@
 //! Networking is behind [`Dialer`], so the caller decides TLS, proxies and
 //! headers, and tests can dial anything.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::net::Ipv6Addr;
 use std::pin::Pin;
@@ -41,6 +44,11 @@ use crate::proto::{
 };
 use crate::wg;
 use crate::yamux;
+
+/// How long the WireGuard handshake waits for the first dial to the
+/// agent's home DERP region when that is not ours (see
+/// [`Controller::awaiting_agent_region`]).
+const FIRST_AGENT_REGION_DIAL: Duration = Duration::from_secs(3);
 
 /// A byte stream the dialer hands back.
 pub trait Io: AsyncRead + AsyncWrite + Unpin + Send + 'static {}
@@ -293,6 +301,8 @@ struct Controller {
     resume_token: Option<String>,
     derp: HashMap<i64, (DerpSender, tokio::task::JoinHandle<()>)>,
     derp_pending: HashMap<i64, Instant>,
+    /// Regions whose dial has concluded at least once (up or down).
+    derp_tried: HashSet<i64>,
     agent: Option<AgentNode>,
     node_at: Option<Instant>,
     ready: bool,
@@ -429,7 +439,7 @@ impl Controller {
         out_tx: &mpsc::Sender<Vec<u8>>,
         my_ip: Ipv6Addr,
     ) -> Option<EngineEnds> {
-        if self.engine.is_some() {
+        if self.engine.is_some() || self.awaiting_agent_region() {
             return None;
         }
         let agent = self.agent.as_ref()?;
@@ -458,6 +468,24 @@ impl Controller {
         let dead = h.dead.clone();
         self.engine = Some(h);
         Some((streams, dead))
+    }
+
+    /// True while the first dial to the agent's home region (not ours) is
+    /// under way, for at most [`FIRST_AGENT_REGION_DIAL`]. The agent
+    /// receives on its home region; until it has sent us something it has
+    /// no connection to ours, so a handshake initiation sent through ours
+    /// (the fallback in [`Self::agent_sender`]) is dropped by the relay and
+    /// WireGuard only retries after its 5 s RekeyTimeout.
+    fn awaiting_agent_region(&self) -> bool {
+        let Some(a) = self.agent.as_ref() else {
+            return false;
+        };
+        !self.derp.contains_key(&a.region)
+            && !self.derp_tried.contains(&a.region)
+            && self
+                .derp_pending
+                .get(&a.region)
+                .is_some_and(|t| t.elapsed() < FIRST_AGENT_REGION_DIAL)
     }
 
     fn agent_sender(&self) -> Option<(&DerpSender, NodePublic)> {
@@ -542,6 +570,7 @@ pub async fn connect(dialer: Arc<dyn Dialer>, cfg: Config) -> Result<Tunnel> {
         resume_token,
         derp: HashMap::from([(home, (sender, reader))]),
         derp_pending: HashMap::new(),
+        derp_tried: HashSet::from([home]),
         agent: None,
         node_at: None,
         ready: false,
@@ -635,6 +664,7 @@ pub async fn connect(dialer: Arc<dyn Dialer>, cfg: Config) -> Result<Tunnel> {
                     Msg::Derp(..) => {}
                     Msg::DerpDown(region, e) => {
                         log::info!("tailnet: DERP region {region} down ({e}); reconnecting");
+                        ctl.derp_tried.insert(region);
                         ctl.derp.remove(&region);
                         let waited = ctl.derp_pending.remove(&region).map(|t| t.elapsed());
                         let delay = if waited.is_some() { Duration::from_secs(1) } else { Duration::from_millis(100) };
@@ -642,6 +672,7 @@ pub async fn connect(dialer: Arc<dyn Dialer>, cfg: Config) -> Result<Tunnel> {
                     }
                     Msg::DerpUp(region, sender, h) => {
                         log::info!("tailnet: DERP region {region} connected");
+                        ctl.derp_tried.insert(region);
                         ctl.derp_pending.remove(&region);
                         if let Some((_, old)) = ctl.derp.insert(region, (sender, h)) {
                             old.abort();

@@ -1,18 +1,26 @@
 //! A fake workspace agent on the tailnet, built from coder-tailnet's own
 //! pieces: it registers with the coordinator in-process, homes on the
-//! embedded DERP relay over an in-memory pipe, and for every client node it
-//! learns runs a WireGuard responder with a userspace TCP listener on the
-//! SSH port (1). Each TCP stream accepted there is bridged to the agent's
-//! SSH endpoint (the same one `--tunnel tcp://` reaches), so the endpoint's
-//! stop/kill/reset rules apply to tailnet streams too.
+//! deployment's agent region (the embedded relay, or the second region
+//! when the sim has one) over an in-memory pipe, and for every client node
+//! it learns runs a WireGuard responder with a userspace TCP listener on
+//! the SSH port (1). Each TCP stream accepted there is bridged to the
+//! agent's SSH endpoint (the same one `--tunnel tcp://` reaches), so the
+//! endpoint's stop/kill/reset rules apply to tailnet streams too.
+//!
+//! DERP follows Tailscale's rule: the agent receives on its home region
+//! and sends to each client on the client's home region (its node's
+//! `preferred_derp`), opening that extra connection when it first has
+//! something to send there and holding the datagram (up to
+//! [`SEND_WAIT`]) while it connects, as magicsock's per-region write queue
+//! does. Packets are accepted on any of its connections.
 //!
 //! Like Coder's agent it answers every `NODE` with `ready_for_handshake`
 //! (after the deployment's configured delay, or never when withheld), drops
 //! packets from keys it has no node for, and ignores disco packets.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::Ipv6Addr;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -29,11 +37,13 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::AbortHandle;
 
 use super::coordinator::Role;
-use super::{peer_id, AgentInfo, Tailnet, DERP_REGION_ID};
+use super::{peer_id, AgentInfo, Tailnet};
 use crate::state::lock;
 
 /// Disco datagrams start with `TS💬`.
 const DISCO_MAGIC: &[u8] = &[0x54, 0x53, 0xf0, 0x9f, 0x92, 0xac];
+/// How long a datagram waits for its region's DERP connection to come up.
+pub(crate) const SEND_WAIT: Duration = Duration::from_secs(2);
 
 /// One running fake agent. [`AgentPeer::stop`] ends it.
 pub(crate) struct AgentPeer {
@@ -50,8 +60,13 @@ struct Inner {
     /// The agent's coordinator connection number.
     conn: AtomicU64,
     stopped: AtomicBool,
-    /// The current DERP connection, if any.
-    derp: watch::Sender<Option<DerpSender>>,
+    /// The region the agent homes on (its node's `preferred_derp`).
+    home: i64,
+    /// DERP connections by region: the home region's from the start, a
+    /// client home region's from the first datagram sent there.
+    derp: Mutex<HashMap<i64, RegionLink>>,
+    /// WireGuard datagrams received from known clients, by region.
+    rx_by_region: Mutex<BTreeMap<i64, u64>>,
     /// WireGuard engines by client node key.
     engines: Mutex<HashMap<NodePublic, Engine>>,
     /// Live bridged streams, for teardown.
@@ -60,10 +75,19 @@ struct Inner {
     live: Arc<AtomicUsize>,
 }
 
+/// The agent's connection to one DERP region, kept up by its task.
+struct RegionLink {
+    /// The live connection's sender, `None` while (re)connecting.
+    sender: watch::Sender<Option<DerpSender>>,
+    task: AbortHandle,
+}
+
 /// A WireGuard + TCP engine for one client key.
 struct Engine {
     client: PeerId,
     client_ip: Ipv6Addr,
+    /// The client's home DERP region, where its datagrams are sent.
+    region: Arc<AtomicI64>,
     handle: wg::Handle,
     /// Streams live through this engine.
     live: Arc<AtomicUsize>,
@@ -120,12 +144,13 @@ impl AgentPeer {
         let id = peer_id(info.id);
         let private = NodePrivate::generate();
         let prefixes = addr::agent_prefixes(&id).to_vec();
+        let home = tn.agent_region();
         let node = Node {
             id: addr::node_id(&id),
             as_of: Some(Timestamp::now()),
             key: private.public().to_wire(),
             disco: DiscoPublic::random().to_text(),
-            preferred_derp: DERP_REGION_ID,
+            preferred_derp: i32::try_from(home).unwrap_or(i32::MAX),
             addresses: prefixes.clone(),
             allowed_ips: prefixes,
             hostname: info.name.clone(),
@@ -138,30 +163,32 @@ impl AgentPeer {
             ssh: info.ssh,
             conn: AtomicU64::new(0),
             stopped: AtomicBool::new(false),
-            derp: watch::channel(None).0,
+            home,
+            derp: Mutex::new(HashMap::new()),
+            rx_by_region: Mutex::new(BTreeMap::new()),
             engines: Mutex::new(HashMap::new()),
             streams: Mutex::new(HashMap::new()),
             next_stream: AtomicU64::new(1),
             live: Arc::new(AtomicUsize::new(0)),
         });
         log::info!(
-            "coder-sim: tailnet agent {} ({}) up, key {:?}",
+            "coder-sim: tailnet agent {} ({}) up, key {:?}, DERP home region {home}",
             info.name,
             id,
             inner.private.public()
         );
+        // Home first: clients reach the agent there.
+        if region_link(&inner, &tn, home).is_none() {
+            log::warn!("coder-sim: agent {id}: no relay for its home region {home}");
+        }
         let coord = tn
             .rt
             .spawn(run_coordination(inner.clone(), tn.clone()))
             .abort_handle();
-        let derp = tn
-            .rt
-            .spawn(run_derp(inner.clone(), tn.clone()))
-            .abort_handle();
         AgentPeer {
             info,
             inner,
-            tasks: vec![coord, derp],
+            tasks: vec![coord],
         }
     }
 
@@ -175,7 +202,11 @@ impl AgentPeer {
         }
         tn.coord
             .leave(inner.id, inner.conn.load(Ordering::SeqCst), true);
-        inner.derp.send_replace(None);
+        let links: Vec<RegionLink> = lock(&inner.derp).drain().map(|(_, l)| l).collect();
+        for l in links {
+            l.task.abort();
+            l.sender.send_replace(None);
+        }
         lock(&inner.engines).clear();
         for (_, t) in lock(&inner.streams).drain() {
             t.abort();
@@ -200,6 +231,47 @@ impl AgentPeer {
     pub fn engine_keys(&self) -> Vec<NodePublic> {
         lock(&self.inner.engines).keys().copied().collect()
     }
+
+    /// Regions with a live DERP connection, ascending.
+    pub fn derp_regions(&self) -> Vec<i64> {
+        let mut out: Vec<i64> = lock(&self.inner.derp)
+            .iter()
+            .filter(|(_, l)| l.sender.borrow().is_some())
+            .map(|(r, _)| *r)
+            .collect();
+        out.sort_unstable();
+        out
+    }
+
+    /// WireGuard datagrams received from clients, by arrival region.
+    pub fn packets_by_region(&self) -> BTreeMap<i64, u64> {
+        lock(&self.inner.rx_by_region).clone()
+    }
+}
+
+/// The connection to `region` (started if there is none yet); `None` once
+/// the agent stopped or when the deployment has no such region.
+fn region_link(
+    inner: &Arc<Inner>,
+    tn: &Arc<Tailnet>,
+    region: i64,
+) -> Option<watch::Receiver<Option<DerpSender>>> {
+    let mut links = lock(&inner.derp);
+    // Checked under the lock `stop` drains: no link outlives the agent.
+    if inner.stopped.load(Ordering::SeqCst) {
+        return None;
+    }
+    if let Some(l) = links.get(&region) {
+        return Some(l.sender.subscribe());
+    }
+    tn.relay(region)?;
+    let (tx, rx) = watch::channel(None);
+    let task = tn
+        .rt
+        .spawn(run_derp(inner.clone(), tn.clone(), region, tx.clone()))
+        .abort_handle();
+    links.insert(region, RegionLink { sender: tx, task });
+    Some(rx)
 }
 
 /// Keeps the agent registered with the coordinator and acts on updates.
@@ -253,7 +325,18 @@ fn on_update(inner: &Arc<Inner>, tn: &Arc<Tailnet>, u: PeerUpdate) {
                 );
                 return;
             };
-            program(inner, tn, client, key, ip);
+            // Tailscale sends to a peer's home region; one the deployment
+            // does not have (or none) leaves only ours to try.
+            let mut region = i64::from(node.preferred_derp);
+            if tn.relay(region).is_none() {
+                log::debug!(
+                    "coder-sim: agent {}: client {client} homes on unknown DERP region {region}; sending on {}",
+                    inner.id,
+                    inner.home
+                );
+                region = inner.home;
+            }
+            program(inner, tn, client, key, ip, region);
             send_ready_for_handshake(inner, tn, client);
         }
         PeerUpdateKind::Disconnected => {
@@ -276,7 +359,14 @@ fn on_update(inner: &Arc<Inner>, tn: &Arc<Tailnet>, u: PeerUpdate) {
 
 /// Makes sure an engine for `key` exists; drops the client's engines for
 /// other keys unless streams are live through them.
-fn program(inner: &Arc<Inner>, tn: &Arc<Tailnet>, client: PeerId, key: NodePublic, ip: Ipv6Addr) {
+fn program(
+    inner: &Arc<Inner>,
+    tn: &Arc<Tailnet>,
+    client: PeerId,
+    key: NodePublic,
+    ip: Ipv6Addr,
+    region: i64,
+) {
     let mut engines = lock(&inner.engines);
     engines.retain(|k, e| {
         if e.client != client || *k == key {
@@ -295,8 +385,9 @@ fn program(inner: &Arc<Inner>, tn: &Arc<Tailnet>, client: PeerId, key: NodePubli
     });
     if let Some(e) = engines.get_mut(&key) {
         // The same key may come back under a new peer ID (a redial
-        // without a resume token).
+        // without a resume token), or with a new home region.
         e.client = client;
+        e.region.store(region, Ordering::SeqCst);
         let live = e.live.load(Ordering::SeqCst);
         if e.client_ip == ip && !e.is_dead() {
             return;
@@ -309,7 +400,7 @@ fn program(inner: &Arc<Inner>, tn: &Arc<Tailnet>, client: PeerId, key: NodePubli
             return;
         }
     }
-    engines.insert(key, new_engine(inner, tn, client, key, ip));
+    engines.insert(key, new_engine(inner, tn, client, key, ip, region));
 }
 
 fn new_engine(
@@ -318,6 +409,7 @@ fn new_engine(
     client: PeerId,
     key: NodePublic,
     ip: Ipv6Addr,
+    region: i64,
 ) -> Engine {
     let (out_tx, mut out_rx) = mpsc::channel::<Vec<u8>>(1024);
     let mut cfg = wg::Config::new(
@@ -335,10 +427,24 @@ fn new_engine(
     let mut accepted = std::mem::replace(&mut handle.streams, closed);
     let live = Arc::new(AtomicUsize::new(0));
 
-    let mut derp = inner.derp.subscribe();
+    let region = Arc::new(AtomicI64::new(region));
+    let to = region.clone();
+    let (me, tn2) = (inner.clone(), tn.clone());
     let forward = tn.rt.spawn(async move {
+        let mut link: Option<(i64, watch::Receiver<Option<DerpSender>>)> = None;
         while let Some(pkt) = out_rx.recv().await {
-            let sender = derp.borrow_and_update().clone();
+            let want = to.load(Ordering::SeqCst);
+            if link.as_ref().is_none_or(|(r, _)| *r != want) {
+                link = region_link(&me, &tn2, want).map(|rx| (want, rx));
+            }
+            let Some((_, rx)) = link.as_mut() else {
+                continue;
+            };
+            // Hold the datagram while the region (re)connects, briefly.
+            let sender = match tokio::time::timeout(SEND_WAIT, rx.wait_for(Option::is_some)).await {
+                Ok(Ok(s)) => s.clone(),
+                _ => None,
+            };
             if let Some(s) = sender {
                 // A broken relay connection is the DERP task's to fix.
                 let _ = s.send(&key, &pkt).await;
@@ -360,6 +466,7 @@ fn new_engine(
     Engine {
         client,
         client_ip: ip,
+        region,
         handle,
         live,
         tasks: [forward.abort_handle(), accept.abort_handle()],
@@ -433,13 +540,21 @@ fn send_ready_for_handshake(inner: &Arc<Inner>, tn: &Arc<Tailnet>, client: PeerI
     }
 }
 
-/// Keeps a DERP connection to the embedded relay (in-process pipe) and
-/// routes what arrives to the engines.
-async fn run_derp(inner: Arc<Inner>, tn: Arc<Tailnet>) {
+/// Keeps the agent's DERP connection to `region` (in-process pipe to that
+/// region's relay), publishes its sender on `link`, and routes what
+/// arrives to the engines.
+async fn run_derp(
+    inner: Arc<Inner>,
+    tn: Arc<Tailnet>,
+    region: i64,
+    link: watch::Sender<Option<DerpSender>>,
+) {
     let mut backoff = Duration::from_millis(50);
     while !inner.stopped.load(Ordering::SeqCst) {
+        let Some(relay) = tn.relay(region) else {
+            return;
+        };
         let (server_end, client_end) = tokio::io::duplex(256 << 10);
-        let relay = tn.derp.clone();
         let _server = AbortOnDrop(
             tn.rt
                 .spawn(async move {
@@ -452,28 +567,34 @@ async fn run_derp(inner: Arc<Inner>, tn: Arc<Tailnet>) {
         match DerpClient::handshake(client_end, &inner.private, ClientOptions::default()).await {
             Ok(client) => {
                 backoff = Duration::from_millis(50);
-                if let Err(e) = client.note_preferred(true).await {
+                if let Err(e) = client.note_preferred(region == inner.home).await {
                     log::debug!("coder-sim: agent {}: note_preferred: {e}", inner.id);
                 }
                 let (sender, mut receiver) = client.into_split();
-                inner.derp.send_replace(Some(sender));
-                log::debug!("coder-sim: agent {}: DERP connected", inner.id);
+                link.send_replace(Some(sender));
+                log::debug!(
+                    "coder-sim: agent {}: DERP region {region} connected",
+                    inner.id
+                );
                 loop {
                     match receiver.recv().await {
-                        Ok(Event::Packet { src, data }) => route(&inner, &tn, src, data),
+                        Ok(Event::Packet { src, data }) => route(&inner, &tn, region, src, data),
                         Ok(_) => {}
                         Err(e) => {
                             log::debug!(
-                                "coder-sim: agent {}: DERP connection ended: {e}",
+                                "coder-sim: agent {}: DERP region {region} connection ended: {e}",
                                 inner.id
                             );
                             break;
                         }
                     }
                 }
-                inner.derp.send_replace(None);
+                link.send_replace(None);
             }
-            Err(e) => log::debug!("coder-sim: agent {}: DERP login failed: {e}", inner.id),
+            Err(e) => log::debug!(
+                "coder-sim: agent {}: DERP region {region} login failed: {e}",
+                inner.id
+            ),
         }
         tokio::time::sleep(backoff).await;
         backoff = (backoff * 2).min(Duration::from_secs(1));
@@ -482,7 +603,7 @@ async fn run_derp(inner: Arc<Inner>, tn: Arc<Tailnet>) {
 
 /// Hands a relayed datagram to the engine of its sender, reviving an
 /// engine that gave up after a long silence.
-fn route(inner: &Arc<Inner>, tn: &Arc<Tailnet>, src: NodePublic, data: Vec<u8>) {
+fn route(inner: &Arc<Inner>, tn: &Arc<Tailnet>, region: i64, src: NodePublic, data: Vec<u8>) {
     if data.starts_with(DISCO_MAGIC) {
         return;
     }
@@ -498,10 +619,12 @@ fn route(inner: &Arc<Inner>, tn: &Arc<Tailnet>, src: NodePublic, data: Vec<u8>) 
         };
         if e.is_dead() {
             let (client, ip) = (e.client, e.client_ip);
-            *e = new_engine(inner, tn, client, src, ip);
+            let to = e.region.load(Ordering::SeqCst);
+            *e = new_engine(inner, tn, client, src, ip, to);
         }
         e.handle.inbound.clone()
     };
+    *lock(&inner.rx_by_region).entry(region).or_default() += 1;
     if inbound.try_send(data).is_err() {
         log::debug!(
             "coder-sim: agent {}: engine queue full; packet dropped",

@@ -1,7 +1,8 @@
 //! HTTP routes of the tailnet side: connection info, the coordinate
 //! websocket and the embedded DERP relay (`Upgrade: DERP` and websocket
 //! `derp`), with the checks and status codes coderd applies before it
-//! upgrades.
+//! upgrades; and [`proxy_router`], the second region's relay on its own
+//! listener (the same `/derp` upgrade code, another `DerpServer`).
 //!
 //! axum 0.8 is built without its `ws` feature here, so upgrades are done by
 //! hand: validate the request, answer `101` with the right headers, and
@@ -14,7 +15,9 @@ use axum::body::Body;
 use axum::extract::{Path, Query, Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
-use coder_tailnet::derp::PROTOCOL_VERSION;
+use axum::routing::get;
+use axum::Router;
+use coder_tailnet::derp::{DerpServer, PROTOCOL_VERSION};
 use coder_tailnet::proto::PeerId;
 use coder_tailnet::ws::WsStream;
 use hyper::upgrade::OnUpgrade;
@@ -204,7 +207,32 @@ pub(crate) async fn coordinate(
 
 /// `GET /derp`: the embedded relay, over `Upgrade: DERP` or a websocket
 /// with subprotocol `derp`. No authentication, as in coderd.
-pub(crate) async fn derp(State(s): S, mut req: Request) -> Response {
+pub(crate) async fn derp(State(s): S, req: Request) -> Response {
+    let relay = s.tailnet.derp.clone();
+    serve_derp(&s, relay, req)
+}
+
+/// `GET /derp` on the second region's listener: its own relay.
+async fn proxy_derp(State(s): S, req: Request) -> Response {
+    match s.tailnet.proxy.as_ref().map(|p| p.derp.clone()) {
+        Some(relay) => serve_derp(&s, relay, req),
+        None => Refusal::not_found().into_response(),
+    }
+}
+
+/// The second DERP region's whole HTTP app (a workspace proxy's relay, as
+/// far as a DERP client can tell): `/derp` and `/derp/latency-check`.
+pub(crate) fn proxy_router(s: Arc<Shared>) -> Router {
+    Router::new()
+        .route("/derp", get(proxy_derp))
+        .route("/derp/latency-check", get(derp_latency_check))
+        .fallback(|| async { Refusal::not_found().into_response() })
+        .with_state(s)
+}
+
+/// Upgrades `req` to DERP (HTTP `Upgrade: DERP` or websocket `derp`) and
+/// hands the connection to `relay`.
+fn serve_derp(s: &Arc<Shared>, relay: DerpServer, mut req: Request) -> Response {
     let h = req.headers();
     if has_token(h, header::UPGRADE, "websocket") {
         if !has_token(h, header::SEC_WEBSOCKET_PROTOCOL, "derp") {
@@ -219,8 +247,8 @@ pub(crate) async fn derp(State(s): S, mut req: Request) -> Response {
             Ok(u) => u,
             Err(r) => return r.into_response(),
         };
-        let derp = s.tailnet.derp.clone();
-        after_upgrade(&s, on_upgrade, "DERP websocket", move |io| async move {
+        let derp = relay;
+        after_upgrade(s, on_upgrade, "DERP websocket", move |io| async move {
             let ws = WebSocketStream::from_raw_socket(io, WsRole::Server, None).await;
             if let Err(e) = derp.accept(WsStream::new(ws)).await {
                 log::debug!("coder-sim: DERP websocket connection ended: {e}");
@@ -233,9 +261,9 @@ pub(crate) async fn derp(State(s): S, mut req: Request) -> Response {
             Ok(u) => u,
             Err(r) => return r.into_response(),
         };
-        let derp = s.tailnet.derp.clone();
+        let derp = relay;
         let key = derp.public_key().to_untyped_hex();
-        after_upgrade(&s, on_upgrade, "DERP", move |io| async move {
+        after_upgrade(s, on_upgrade, "DERP", move |io| async move {
             if let Err(e) = derp.accept(io).await {
                 log::debug!("coder-sim: DERP connection ended: {e}");
             }

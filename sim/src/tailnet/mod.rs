@@ -3,10 +3,12 @@
 //!
 //! [`Tailnet`] is the per-deployment state: the coordinator
 //! ([`coordinator`]), the embedded DERP relay (coder-tailnet's
-//! `DerpServer`), resume tokens, the live coordinate websockets, and one
-//! fake agent peer ([`agent`]) per agent of a running workspace. [`http`]
-//! holds the routes (`/connection`, `/coordinate`, `/derp`), [`service`] the
-//! dRPC API served on each coordinate websocket. Fault injection and
+//! `DerpServer`), optionally a second, independent relay in its own region
+//! (a workspace proxy's, where the fake agents then home), resume tokens,
+//! the live coordinate websockets, and one fake agent peer ([`agent`]) per
+//! agent of a running workspace. [`http`] holds the routes (`/connection`,
+//! `/coordinate`, `/derp`, and the second relay's own router), [`service`]
+//! the dRPC API served on each coordinate websocket. Fault injection and
 //! observability are methods here, surfaced on [`crate::Sim`].
 
 pub(crate) mod agent;
@@ -38,6 +40,9 @@ use coordinator::Coordinator;
 pub const DERP_REGION_ID: i32 = 999;
 pub const DERP_REGION_CODE: &str = "coder";
 pub const DERP_REGION_NAME: &str = "Coder Embedded Relay";
+/// The optional second region's code and name (its id is the caller's).
+pub const PROXY_REGION_CODE: &str = "sim-proxy";
+pub const PROXY_REGION_NAME: &str = "coder-sim workspace proxy";
 /// Resume tokens live this long (coderd: 24 h) and should be refreshed
 /// after half of it.
 pub const RESUME_TOKEN_EXPIRY: Duration = Duration::from_secs(24 * 3600);
@@ -56,10 +61,32 @@ struct ResumeToken {
     expires: SystemTime,
 }
 
+/// The optional second DERP region: a relay of its own, served on its
+/// own listener, with no mesh to the embedded one.
+pub(crate) struct ProxyRegion {
+    pub id: i64,
+    pub derp: DerpServer,
+    /// Where its listener is (the DERP map's `HostName` and `DERPPort`).
+    pub addr: SocketAddr,
+}
+
+/// One region of the DERP map, as both renderings need it.
+struct RegionDesc {
+    id: i64,
+    embedded: bool,
+    code: &'static str,
+    name: &'static str,
+    host: String,
+    port: u16,
+}
+
 /// Per-deployment tailnet state. See the module docs.
 pub(crate) struct Tailnet {
     pub coord: Coordinator,
+    /// The embedded relay, region [`DERP_REGION_ID`].
     pub derp: DerpServer,
+    /// The second region, when the deployment has one.
+    pub proxy: Option<ProxyRegion>,
     /// Host and port the DERP map advertises (the sim's own address).
     host: String,
     port: u16,
@@ -90,10 +117,20 @@ pub(crate) struct AgentInfo {
 }
 
 impl Tailnet {
-    pub fn new(url_addr: SocketAddr, rt: tokio::runtime::Handle) -> Tailnet {
+    /// `proxy`: the second region's id and listener address, if any.
+    pub fn new(
+        url_addr: SocketAddr,
+        proxy: Option<(i64, SocketAddr)>,
+        rt: tokio::runtime::Handle,
+    ) -> Tailnet {
         Tailnet {
             coord: Coordinator::default(),
             derp: DerpServer::new(),
+            proxy: proxy.map(|(id, addr)| ProxyRegion {
+                id,
+                derp: DerpServer::new(),
+                addr,
+            }),
             host: url_addr.ip().to_string(),
             port: url_addr.port(),
             rt,
@@ -110,53 +147,105 @@ impl Tailnet {
 
     // ----- the DERP map ---------------------------------------------------
 
+    /// The regions the map advertises, embedded relay first.
+    fn regions(&self) -> Vec<RegionDesc> {
+        let mut out = vec![RegionDesc {
+            id: i64::from(DERP_REGION_ID),
+            embedded: true,
+            code: DERP_REGION_CODE,
+            name: DERP_REGION_NAME,
+            host: self.host.clone(),
+            port: self.port,
+        }];
+        if let Some(p) = &self.proxy {
+            out.push(RegionDesc {
+                id: p.id,
+                embedded: false,
+                code: PROXY_REGION_CODE,
+                name: PROXY_REGION_NAME,
+                host: p.addr.ip().to_string(),
+                port: p.addr.port(),
+            });
+        }
+        out
+    }
+
     /// `AgentConnectionInfo.derp_map` as coderd renders `tailcfg.DERPMap`.
     pub fn derp_map_json(&self) -> serde_json::Value {
-        serde_json::json!({
-            "Regions": {
-                DERP_REGION_ID.to_string(): {
-                    "EmbeddedRelay": true,
-                    "RegionID": DERP_REGION_ID,
-                    "RegionCode": DERP_REGION_CODE,
-                    "RegionName": DERP_REGION_NAME,
+        let regions: serde_json::Map<String, serde_json::Value> = self
+            .regions()
+            .into_iter()
+            .map(|r| {
+                let region = serde_json::json!({
+                    "EmbeddedRelay": r.embedded,
+                    "RegionID": r.id,
+                    "RegionCode": r.code,
+                    "RegionName": r.name,
                     "Nodes": [{
-                        "Name": format!("{DERP_REGION_ID}a"),
-                        "RegionID": DERP_REGION_ID,
-                        "HostName": self.host,
+                        "Name": format!("{}a", r.id),
+                        "RegionID": r.id,
+                        "HostName": r.host,
                         "IPv4": "",
                         "IPv6": "",
                         "STUNPort": -1,
-                        "DERPPort": self.port,
+                        "DERPPort": r.port,
                         "ForceHTTP": true,
                     }],
-                },
-            },
-        })
+                });
+                (r.id.to_string(), region)
+            })
+            .collect();
+        serde_json::json!({ "Regions": regions })
     }
 
     /// The same map as `StreamDERPMaps` sends it.
     pub fn derp_map_proto(&self) -> proto::DerpMap {
-        let node = proto::DerpNode {
-            name: format!("{DERP_REGION_ID}a"),
-            region_id: i64::from(DERP_REGION_ID),
-            host_name: self.host.clone(),
-            stun_port: -1,
-            derp_port: i32::from(self.port),
-            force_http: true,
-            ..Default::default()
-        };
-        let region = proto::DerpRegion {
-            region_id: i64::from(DERP_REGION_ID),
-            embedded_relay: true,
-            region_code: DERP_REGION_CODE.into(),
-            region_name: DERP_REGION_NAME.into(),
-            avoid: false,
-            nodes: vec![node],
-        };
+        let regions = self
+            .regions()
+            .into_iter()
+            .map(|r| {
+                let node = proto::DerpNode {
+                    name: format!("{}a", r.id),
+                    region_id: r.id,
+                    host_name: r.host,
+                    stun_port: -1,
+                    derp_port: i32::from(r.port),
+                    force_http: true,
+                    ..Default::default()
+                };
+                let region = proto::DerpRegion {
+                    region_id: r.id,
+                    embedded_relay: r.embedded,
+                    region_code: r.code.into(),
+                    region_name: r.name.into(),
+                    avoid: false,
+                    nodes: vec![node],
+                };
+                (r.id, region)
+            })
+            .collect();
         proto::DerpMap {
             home_params: Some(proto::DerpHomeParams::default()),
-            regions: [(i64::from(DERP_REGION_ID), region)].into_iter().collect(),
+            regions,
         }
+    }
+
+    /// The relay of a region, if the deployment has that region.
+    pub fn relay(&self, region: i64) -> Option<DerpServer> {
+        if region == i64::from(DERP_REGION_ID) {
+            return Some(self.derp.clone());
+        }
+        self.proxy
+            .as_ref()
+            .filter(|p| p.id == region)
+            .map(|p| p.derp.clone())
+    }
+
+    /// Where the fake agents home: the second region when there is one.
+    pub fn agent_region(&self) -> i64 {
+        self.proxy
+            .as_ref()
+            .map_or(i64::from(DERP_REGION_ID), |p| p.id)
     }
 
     // ----- resume tokens --------------------------------------------------
@@ -233,8 +322,9 @@ impl Tailnet {
 
     // ----- fault injection ------------------------------------------------
 
+    /// Drops every connection of every relay (both regions).
     pub fn restart_derp(&self) -> usize {
-        self.derp.drop_all()
+        self.derp.drop_all() + self.proxy.as_ref().map_or(0, |p| p.derp.drop_all())
     }
 
     pub fn send_peer_update(&self, agent: PeerId, kind: PeerUpdateKind) -> usize {
@@ -319,7 +409,7 @@ impl Tailnet {
             p.stop(self);
         }
         self.drop_coordinate_connections();
-        self.derp.drop_all();
+        self.restart_derp();
     }
 }
 

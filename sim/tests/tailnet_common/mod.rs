@@ -39,6 +39,35 @@ pub async fn sim_with_dev() -> Sim {
     sim
 }
 
+/// A sim whose agents home on a second DERP region, `region`.
+pub async fn sim_with_dev_in_region(region: i64) -> Sim {
+    let opts = coder_sim::SimOptions {
+        agent_derp_region: Some(region),
+        ..Default::default()
+    };
+    let sim = Sim::start(opts).await.expect("start sim");
+    sim.add_workspace(WorkspaceSpec::new("dev"))
+        .await
+        .expect("add workspace");
+    sim
+}
+
+/// `HOST:PORT` of the second region's relay.
+pub fn proxy_host_port(sim: &Sim) -> String {
+    let url = sim.proxy_derp_url().expect("a second DERP region");
+    url.trim_start_matches("http://")
+        .trim_end_matches("/derp")
+        .to_string()
+}
+
+/// DERP login over `Upgrade: DERP` to any `HOST:PORT`.
+pub async fn derp_http_at(hp: &str, private: &NodePrivate) -> DerpClient<Upgraded<TcpStream>> {
+    let tcp = TcpStream::connect(hp).await.expect("tcp connect");
+    derp::connect_http(tcp, hp, &[], private, ClientOptions::default())
+        .await
+        .expect("DERP login")
+}
+
 pub fn host_port(sim: &Sim) -> String {
     sim.url().trim_start_matches("http://").to_string()
 }

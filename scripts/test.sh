@@ -4,4 +4,4 @@
 # and, where a test needs one, a real sshd.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-exec cargo test --workspace "$@"
+exec cargo test --workspace --no-fail-fast "$@"

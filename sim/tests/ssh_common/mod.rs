@@ -478,11 +478,12 @@ pub async fn check_reset(ep: &AgentEndpoint) {
     let o = exit_within(c, Duration::from_secs(5)).await;
     assert_eq!(o.status.code(), Some(255));
     // OpenSSH 9.2 reports an RST while idle as a failed disconnect write
-    // ("Broken pipe"), elsewhere as "Connection reset"; a FIN would be
-    // "closed by remote host".
+    // ("Broken pipe"), elsewhere as "Connection reset", and sometimes (when
+    // the RST lands before ssh writes anything) says nothing at all; a FIN
+    // would be "closed by remote host". The raw-socket check proves the RST.
     let err = stderr(&o);
     assert!(
-        (err.contains("reset") || err.contains("Broken pipe")) && !err.contains("closed by"),
+        !err.contains("closed by"),
         "expected a connection reset, ssh said: {err:?}"
     );
     wait_live(ep, 0).await;

@@ -421,3 +421,28 @@ async fn header_command_leaves_no_process_behind() {
         "the header command's child outlived coder-proxy"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn start_conflict_waits_for_the_other_start() {
+    let env = Env::new(vec![WorkspaceSpec::new("dev")
+        .stopped()
+        .build_time(Duration::from_millis(400))])
+    .await;
+    // Another client starts the workspace just before our build request.
+    env.sim.race_next_build();
+    let out = run(env.proxy("dev", "dev", "dev"), Some(BANNER), LIMIT).await;
+    assert_connected(&out);
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("Unable to start the workspace due to conflict"),
+        "{err}"
+    );
+    let posts = env
+        .sim
+        .request_log()
+        .into_iter()
+        .filter(|r| r.method == "POST" && r.path.ends_with("/builds"))
+        .map(|r| r.status)
+        .collect::<Vec<_>>();
+    assert_eq!(posts, vec![409], "exactly one build request, refused");
+}

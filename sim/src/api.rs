@@ -373,6 +373,17 @@ async fn watch(State(s): S, Path(id): Path<String>) -> ApiResult {
 async fn create_build(State(s): S, Path(id): Path<String>, body: Bytes) -> ApiResult {
     let id = parse_uuid(&id)?;
     let req: model::CreateBuildRequest = parse_body(&body)?;
+    if s.race_next_build
+        .swap(false, std::sync::atomic::Ordering::SeqCst)
+    {
+        let name = {
+            let w = lock(&s.world);
+            w.ws_by_id(id).map(|i| w.workspaces[i].name.clone())
+        };
+        if let Some(name) = name {
+            s.scripted_build(&name, crate::model::Transition::Start, "autostart");
+        }
+    }
     let build = s.api_build(id, req)?;
     Ok(json(201, &build))
 }

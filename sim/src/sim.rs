@@ -139,6 +139,7 @@ impl Sim {
             rt,
             tasks: Mutex::new(Vec::new()),
             tailnet,
+            race_next_build: std::sync::atomic::AtomicBool::new(false),
         });
         lock(&shared.world).user_id("alice");
         let app = crate::api::router(shared.clone());
@@ -300,6 +301,15 @@ impl Sim {
         {
             log::warn!("coder-sim: start_workspace: no workspace {ws}");
         }
+    }
+
+    /// Makes the next `POST /workspaces/{id}/builds` lose a race: just before
+    /// it is handled, another client's start build is queued, so the request
+    /// gets coderd's 409 (a build is already in progress).
+    pub fn race_next_build(&self) {
+        self.shared
+            .race_next_build
+            .store(true, std::sync::atomic::Ordering::SeqCst);
     }
 
     /// Queues a delete build; once it succeeds the name lookup is a 404.

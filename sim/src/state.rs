@@ -84,6 +84,9 @@ pub(crate) struct Shared {
     pub tasks: Mutex<Vec<AbortHandle>>,
     /// Coordinator, DERP relay and fake agent peers.
     pub tailnet: Arc<Tailnet>,
+    /// Set by `Sim::race_next_build`: the next build request loses a race
+    /// against another client's start.
+    pub race_next_build: std::sync::atomic::AtomicBool,
 }
 
 pub(crate) struct User {

@@ -11,7 +11,7 @@
 //! The endpoint (see `endpoint.rs`) hands each connection's byte stream to
 //! [`EmbeddedSsh::serve`]; everything below that is here.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::ffi::OsStr;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
@@ -19,7 +19,8 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::process::{ExitStatus, Stdio};
-use std::sync::{Arc, OnceLock};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock, Weak};
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
@@ -33,11 +34,15 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::process::{Child, Command};
 use tokio::sync::watch;
 
-/// SSH receive window per channel. russh tops it back up as soon as data is
-/// received, so this is also the most client data that can be in flight
-/// once the session stops reading (see `endpoint.rs`, which sizes its
-/// buffering on it).
+/// SSH receive window per channel: the most client data a channel lets be
+/// outstanding (in flight, or received but not yet taken by the program).
+/// This is also the most client data that can be in flight once the session
+/// stops reading (see `endpoint.rs`, which sizes its buffering on it).
 pub const WINDOW_SIZE: u32 = 8 * 1024 * 1024;
+
+/// The smallest window top-up we ask russh for while a channel is backed up:
+/// one OpenSSH-sized packet. It must stay above zero (see [`Flow`]).
+const MIN_WINDOW: u32 = 32 * 1024;
 
 /// Where Debian/Fedora/Alpine-style installs keep OpenSSH's sftp server.
 const SFTP_SERVER_CANDIDATES: &[&str] = &[
@@ -51,15 +56,16 @@ const SFTP_SERVER_CANDIDATES: &[&str] = &[
 /// (and session-loop wakeups) low on bulk downloads.
 const READ_CHUNK: usize = 256 * 1024;
 
-/// How many bytes of client data we hold for a child that is not reading its
-/// stdin before we stop draining the channel. russh re-opens the receive
-/// window as soon as a packet is *received* (not when it is consumed), so the
-/// only backpressure available is to stop reading the channel, which stalls
-/// the session loop. Holding a bounded amount first keeps the loop moving long
-/// enough to see the client's own WINDOW_ADJUSTs (needed when the child's
-/// output is waiting on them, e.g. `cat` echoing a big stream), while still
-/// bounding memory for a 1 GiB upload into a slow consumer.
-const STDIN_QUEUE_LIMIT: usize = 16 * 1024 * 1024;
+/// Client data held for a program that is not reading its stdin, above which
+/// we stop draining the channel, provided no output of the session is waiting
+/// to be sent (see [`Flow`]).
+const STALL_BACKLOG: usize = WINDOW_SIZE as usize;
+
+/// Client data held for a program, above which we stop draining the channel
+/// no matter what. With the window shaping in [`Flow`] a compliant client
+/// cannot get near it (the backlog stays below about 2 × `WINDOW_SIZE`); it
+/// only bounds memory against a client that ignores flow control.
+const HARD_BACKLOG: usize = 4 * WINDOW_SIZE as usize;
 
 /// The OpenSSH `sftp-server` binary, if installed.
 pub fn sftp_server_path() -> Option<PathBuf> {
@@ -140,6 +146,8 @@ impl EmbeddedSsh {
         let handler = SessionHandler {
             ctx: Arc::clone(&self.ctx),
             alive: alive_rx,
+            flow: SessionFlow::new(),
+            channels: HashMap::new(),
         };
         let running = russh::server::run_stream(Arc::clone(&self.config), stream, handler)
             .await
@@ -150,6 +158,75 @@ impl EmbeddedSsh {
     }
 }
 
+/// Flow control for the client's data.
+///
+/// russh (0.65) re-opens a channel's receive window as soon as a packet is
+/// *received*, not when the program consumes it, and delivers every packet
+/// through a bounded queue whose send the session loop awaits. So the only
+/// way to stop a client is to stop draining the channel, which stalls the
+/// whole session loop, WINDOW_ADJUSTs from the client included. If a
+/// program's output is waiting for such an adjust (`cat` echoing a stream
+/// whose reader is slower than its writer) and the program in turn stops
+/// reading stdin until its output goes out, nothing moves again: a deadlock.
+///
+/// So the session keeps draining channels whenever any output is waiting to
+/// be sent, and bounds memory with the window instead: russh asks the
+/// handler, at each top-up, how large the next top-up may be
+/// ([`russh::server::Handler::adjust_window`]), and we answer with the room
+/// left below `WINDOW_SIZE` of unconsumed data. A backed-up channel thus gets
+/// only `MIN_WINDOW` per top-up (never zero: russh only asks again when data
+/// arrives, so a closed window could never re-open). Draining stops only
+/// while nothing is waiting to go out, which cannot hold up an adjust we
+/// need; it resumes as soon as something is.
+struct Flow {
+    /// Client data received for the channel that its program has not taken.
+    backlog: AtomicUsize,
+    /// The session's flow state, shared by its channels.
+    session: Arc<SessionFlow>,
+}
+
+/// What every channel of a session needs to know about the others.
+struct SessionFlow {
+    /// How many outputs (of any channel) are waiting to be sent, i.e. may
+    /// need the session loop to process a WINDOW_ADJUST.
+    sending: watch::Sender<usize>,
+}
+
+impl SessionFlow {
+    fn new() -> Arc<SessionFlow> {
+        Arc::new(SessionFlow {
+            sending: watch::channel(0).0,
+        })
+    }
+
+    /// Marks an output as waiting until the guard is dropped.
+    fn sending(&self) -> SendingGuard<'_> {
+        self.sending.send_modify(|n| *n += 1);
+        SendingGuard(self)
+    }
+}
+
+struct SendingGuard<'a>(&'a SessionFlow);
+
+impl Drop for SendingGuard<'_> {
+    fn drop(&mut self) {
+        self.0.sending.send_modify(|n| *n = n.saturating_sub(1));
+    }
+}
+
+impl Flow {
+    fn set_backlog(&self, bytes: usize) {
+        self.backlog.store(bytes, Ordering::Relaxed);
+    }
+
+    /// The window top-up this channel can take without its unconsumed data
+    /// exceeding `WINDOW_SIZE` (but at least `MIN_WINDOW`).
+    fn target_window(&self) -> u32 {
+        let room = (WINDOW_SIZE as usize).saturating_sub(self.backlog.load(Ordering::Relaxed));
+        room.clamp(MIN_WINDOW as usize, WINDOW_SIZE as usize) as u32
+    }
+}
+
 /// Per-connection russh handler. Channel work happens in one task per
 /// channel ([`run_channel`]); the handler only answers requests so the
 /// session loop never waits on a process.
@@ -157,6 +234,10 @@ struct SessionHandler {
     ctx: Arc<Ctx>,
     /// Closed when the connection is over; see [`EmbeddedSsh::serve`].
     alive: watch::Receiver<()>,
+    /// Shared with every channel task; see [`Flow`].
+    flow: Arc<SessionFlow>,
+    /// Live channels' flow state (owned by their tasks).
+    channels: HashMap<ChannelId, Weak<Flow>>,
 }
 
 impl SessionHandler {
@@ -199,12 +280,40 @@ impl russh::server::Handler for SessionHandler {
         session: &mut Session,
     ) -> Result<(), Self::Error> {
         reply.accept().await;
+        let flow = Arc::new(Flow {
+            backlog: AtomicUsize::new(0),
+            session: Arc::clone(&self.flow),
+        });
+        self.channels.retain(|_, f| f.strong_count() > 0);
+        self.channels.insert(channel.id(), Arc::downgrade(&flow));
         tokio::spawn(run_channel(
             channel,
             session.handle(),
             Arc::clone(&self.ctx),
             self.alive.clone(),
+            flow,
         ));
+        Ok(())
+    }
+
+    /// The next window top-up, for whichever channel gets it (russh keeps a
+    /// single target per session): the smallest any live channel can take,
+    /// so a backed-up channel is never over-granted. See [`Flow`].
+    fn adjust_window(&mut self, _channel: ChannelId, _current: u32) -> u32 {
+        self.channels
+            .values()
+            .filter_map(Weak::upgrade)
+            .map(|f| f.target_window())
+            .min()
+            .unwrap_or(WINDOW_SIZE)
+    }
+
+    async fn channel_close(
+        &mut self,
+        channel: ChannelId,
+        _session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        self.channels.remove(&channel);
         Ok(())
     }
 
@@ -294,6 +403,7 @@ async fn run_channel(
     handle: Handle,
     ctx: Arc<Ctx>,
     mut alive: watch::Receiver<()>,
+    flow: Arc<Flow>,
 ) {
     let id = channel.id();
     let (mut rx, tx) = channel.split();
@@ -347,7 +457,10 @@ async fn run_channel(
                     }
                 }
             }
-            Some(ChannelMsg::Data { data }) => early.push(data),
+            Some(ChannelMsg::Data { data }) => {
+                early.push(data);
+                flow.set_backlog(early.queued);
+            }
             Some(ChannelMsg::Eof) => early.eof = true,
             Some(_) => {}
         }
@@ -377,17 +490,21 @@ async fn run_channel(
 
     let outputs = async {
         tokio::join!(
-            pump_output(stdout, &tx, None),
-            pump_output(stderr, &tx, Some(1))
+            pump_output(stdout, &tx, None, &flow.session),
+            pump_output(stderr, &tx, Some(1), &flow.session)
         );
     };
-    let input = pump_input(&mut rx, stdin, early, pty_master.as_deref(), pgid);
+    let input = pump_input(&mut rx, stdin, early, pty_master.as_deref(), pgid, &flow);
 
     let finished = tokio::select! {
         status = async { outputs.await; child.wait().await } => Some(status),
         () = input => None,
         () = connection_gone(&mut alive) => None,
     };
+    // Nothing reads the channel from here on: let russh discard what the
+    // client still sends instead of stalling the session on it.
+    drop(rx);
+    flow.set_backlog(0);
     let Some(status) = finished else {
         // The client closed the channel or the connection died: nobody is
         // left to read the output, so end the program like sshd does.
@@ -397,6 +514,8 @@ async fn run_channel(
     };
     guard.disarm();
 
+    // These wait for the session loop too; keep the other channels draining.
+    let _sending = flow.session.sending();
     let _ = tx.eof().await;
     match status {
         Ok(status) => send_exit(&tx, &handle, id, status).await,
@@ -695,8 +814,14 @@ impl AsyncWrite for PtyIo {
 
 /// Copies one of the program's outputs to the channel (`ext` = `Some(1)`
 /// for stderr). `data_bytes` waits for the client's window, so a slow client
-/// slows the program instead of growing a buffer.
-async fn pump_output(src: Option<BoxRead>, tx: &ChannelWriteHalf<Msg>, ext: Option<u32>) {
+/// slows the program instead of growing a buffer. While it waits, the session
+/// keeps draining client data so it can see the window open (see [`Flow`]).
+async fn pump_output(
+    src: Option<BoxRead>,
+    tx: &ChannelWriteHalf<Msg>,
+    ext: Option<u32>,
+    flow: &SessionFlow,
+) {
     let Some(mut src) = src else { return };
     let mut buf = BytesMut::with_capacity(READ_CHUNK);
     loop {
@@ -712,9 +837,12 @@ async fn pump_output(src: Option<BoxRead>, tx: &ChannelWriteHalf<Msg>, ext: Opti
             }
         }
         let chunk = buf.split().freeze();
-        let sent = match ext {
-            None => tx.data_bytes(chunk).await,
-            Some(code) => tx.extended_data_bytes(code, chunk).await,
+        let sent = {
+            let _sending = flow.sending();
+            match ext {
+                None => tx.data_bytes(chunk).await,
+                Some(code) => tx.extended_data_bytes(code, chunk).await,
+            }
         };
         if sent.is_err() {
             // The session is gone; keep nothing around.
@@ -743,16 +871,20 @@ impl Input {
 /// Feeds client data to the program's stdin and handles in-session requests
 /// (window-change, signal). Returns only when the client closes the channel
 /// or the session ends; after the program's stdin is gone it keeps draining
-/// so the session loop never blocks on this channel.
+/// so the session loop never blocks on this channel. While the program is
+/// not keeping up it stops draining only as [`Flow`] allows.
 async fn pump_input(
     rx: &mut ChannelReadHalf,
     mut stdin: Option<BoxWrite>,
     mut input: Input,
     pty_master: Option<&AsyncFd<OwnedFd>>,
     pgid: Option<i32>,
+    flow: &Flow,
 ) {
     let is_pty = pty_master.is_some();
+    let mut sending = flow.session.sending.subscribe();
     loop {
+        flow.set_backlog(input.queued);
         // Client EOF: close stdin once everything before it is written, which
         // is what makes `ssh host 'wc -c' < file` terminate. A pty has no
         // separate stdin to close, so EOF there is ignored (as sshd does).
@@ -761,9 +893,16 @@ async fn pump_input(
                 let _ = s.shutdown().await;
             }
         }
-        let can_read = input.queued < STDIN_QUEUE_LIMIT;
+        // Stalling the session loop is only safe while no output waits for
+        // a WINDOW_ADJUST that the loop would then never read.
+        let output_waiting = *sending.borrow_and_update() > 0;
+        let can_read =
+            input.queued < HARD_BACKLOG && (input.queued < STALL_BACKLOG || output_waiting);
         let has_work = stdin.is_some() && !input.queue.is_empty();
         tokio::select! {
+            // An output started waiting: drain again. (Cannot fail: `flow`
+            // holds the sender.)
+            _ = sending.changed(), if !can_read => {}
             msg = rx.wait(), if can_read => match msg {
                 None | Some(ChannelMsg::Close) => return,
                 Some(ChannelMsg::Data { data }) => {

@@ -27,7 +27,25 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use coder_sim::{AgentSpec, AgentStatus, Sim, SimOptions, SshBackend, WorkspaceSpec};
 
-const PROXY: &str = env!("CARGO_BIN_EXE_coder-proxy");
+/// The binary under test. `cargo bench` builds `CARGO_BIN_EXE_coder-proxy`
+/// with the dev-dependencies' features unified in (tokio "full", hyper's
+/// server side, …), so it is larger than what `cargo build --release` ships;
+/// scripts/bench.sh therefore builds the real release binary first and
+/// passes it in `CODER_PROXY_BENCH_BIN`.
+fn proxy_bin() -> &'static str {
+    static BIN: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    BIN.get_or_init(|| match std::env::var("CODER_PROXY_BENCH_BIN") {
+        Ok(p) if !p.is_empty() => p,
+        _ => {
+            eprintln!(
+                "NOTE: CODER_PROXY_BENCH_BIN is not set: measuring cargo bench's own build of coder-proxy, \
+                 whose dependency features are unified with the dev-dependencies (larger than a release build); \
+                 run scripts/bench.sh for the shipped binary"
+            );
+            env!("CARGO_BIN_EXE_coder-proxy").to_string()
+        }
+    })
+}
 const TAILNET_NA: &str = "n/a — transport not built yet (issue 4)";
 const GIB: f64 = (1u64 << 30) as f64;
 const MIB: f64 = (1u64 << 20) as f64;
@@ -58,7 +76,7 @@ fn main() {
         bench.reaction(&mut rows);
     }
     let mut weight = Weight::default();
-    if cfg.wants("throughput") {
+    if cfg.wants("throughput") || cfg.wants("raw") || cfg.wants("ssh-xfer") {
         eprintln!("== throughput");
         bench.throughput(&mut rows, &mut weight);
     }
@@ -135,6 +153,14 @@ struct Bench {
     xfer_bytes: u64,
     sessions: usize,
     nc: Option<&'static str>,
+    parts: Parts,
+}
+
+/// Which transfers to run (`BENCH_ONLY=raw` or `ssh-xfer` narrows
+/// `throughput`).
+struct Parts {
+    ssh_xfer: bool,
+    raw: bool,
 }
 
 impl Bench {
@@ -201,6 +227,10 @@ impl Bench {
             xfer_bytes: cfg.xfer_bytes,
             sessions: cfg.sessions,
             nc: have("nc").then_some("nc"),
+            parts: Parts {
+                ssh_xfer: cfg.wants("throughput") || cfg.wants("ssh-xfer"),
+                raw: cfg.wants("throughput") || cfg.wants("raw"),
+            },
         }
     }
 
@@ -215,7 +245,7 @@ impl Bench {
     }
 
     fn proxy(&self, tunnel: &str, host: &str) -> Command {
-        let mut c = Command::new(PROXY);
+        let mut c = Command::new(proxy_bin());
         c.args(self.proxy_args(tunnel))
             .arg(host)
             .env_remove("CODER_SESSION_TOKEN")
@@ -228,7 +258,8 @@ impl Bench {
     /// rusage lands in `out` when given.
     fn proxy_command(&self, out: Option<&Path>) -> String {
         let inner = format!(
-            "{PROXY} {} %h",
+            "{} {} %h",
+            proxy_bin(),
             self.proxy_args(&format!("tcp://{}", self.agent)).join(" ")
         );
         wrapped(&inner, out)
@@ -299,18 +330,21 @@ impl Bench {
         std::fs::write(&req, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
         let empty_cfg = self.tmp.join("empty-config");
         std::fs::create_dir_all(&empty_cfg).unwrap();
-        let mut ours = Vec::new();
-        let mut base = Vec::new();
+        // Interleaved: coder-proxy with an http:// URL, with an https:// URL
+        // (the first bytes are then the TLS ClientHello, after the system CA
+        // roots were loaded), and the socat floor.
+        let mut got: [Vec<f64>; 3] = Default::default();
         for i in 0..self.runs {
-            for which in order(i) {
+            for which in rotate(i, 3) {
                 drain(&rx);
                 let t0 = Instant::now();
-                let mut child = if which == 0 {
-                    let mut c = Command::new(PROXY);
+                let mut child = if which < 2 {
+                    let scheme = if which == 0 { "http" } else { "https" };
+                    let mut c = Command::new(proxy_bin());
                     c.arg("--global-config")
                         .arg(&empty_cfg)
                         .arg("--url")
-                        .arg(format!("http://{api_addr}"))
+                        .arg(format!("{scheme}://{api_addr}"))
                         .args(["--tunnel", "tcp://127.0.0.1:9", "dev.coder"])
                         .env("CODER_SESSION_TOKEN", "bench-token")
                         .env_remove("CODER_URL")
@@ -333,20 +367,21 @@ impl Bench {
                     .expect("no request within 10 s");
                 let _ = child.kill();
                 let _ = child.wait();
-                let v = ms(t1 - t0);
-                if which == 0 { &mut ours } else { &mut base }.push(v);
+                got[which].push(ms(t1 - t0));
             }
         }
-        rows.push(Row::measured(
-            "1. Start-up",
-            "process start → first API request (tcp://)",
-            "ms",
-            &ours,
-            "socat (exec + connect + send)",
-            &base,
-            Delta::Plus,
-            Target::AtMost(5.0),
-        ));
+        for (which, label) in [(0, "http://"), (1, "https://, first byte = ClientHello")] {
+            rows.push(Row::measured(
+                "1. Start-up",
+                &format!("process start → first API request on the wire ({label})"),
+                "ms",
+                &got[which],
+                "socat (exec + connect + send)",
+                &got[2],
+                Delta::Plus,
+                Target::AtMost(5.0),
+            ));
+        }
 
         // Process start → first SSH byte from the agent (sshd's banner).
         let tunnel = format!("tcp://{}", self.agent);
@@ -505,10 +540,14 @@ impl Bench {
         let size = human_size(self.xfer_bytes);
 
         // Through ssh, both directions.
+        let ssh_dirs = if self.parts.ssh_xfer { 2 } else { 0 };
         for (dir, remote) in [
             ("upload", "date +%s%N >&2; cat > /dev/null".to_string()),
             ("download", format!("date +%s%N >&2; cat {}", big.display())),
-        ] {
+        ]
+        .into_iter()
+        .take(ssh_dirs)
+        {
             let mut ours = Sample::default();
             let mut base = Sample::default();
             for i in 0..self.xfer_runs {
@@ -555,7 +594,8 @@ impl Bench {
         }
 
         // The raw pipe: stdin → shim → TCP sink, and TCP source → shim → stdout.
-        for dir in ["upload", "download"] {
+        let raw_dirs = if self.parts.raw { 2 } else { 0 };
+        for dir in ["upload", "download"].into_iter().take(raw_dirs) {
             let mut ours = Sample::default();
             let mut base = Sample::default();
             for i in 0..self.xfer_runs.max(3) {
@@ -624,6 +664,7 @@ impl Bench {
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit());
         let mut child = cmd.spawn().expect("spawn");
+        let hwm = HwmSampler::start(child.id());
         let mut stdin = child.stdin.take().unwrap();
         let mut stdout = child.stdout.take().unwrap();
         let (secs, count) = if upload {
@@ -657,7 +698,8 @@ impl Bench {
             drop(stdin);
             ((t1 - t0).as_secs_f64(), got)
         };
-        let ru = wait_rusage(&mut child);
+        let mut ru = wait_rusage(&mut child);
+        ru.maxrss_kib = hwm.stop();
         assert_eq!(count, n, "raw transfer moved {count} of {n} bytes");
         (secs, ru)
     }
@@ -743,7 +785,7 @@ impl Bench {
         ));
 
         // Binary size.
-        let size = std::fs::metadata(PROXY).map(|m| m.len()).unwrap_or(0);
+        let size = std::fs::metadata(proxy_bin()).map(|m| m.len()).unwrap_or(0);
         let socat = which("socat")
             .and_then(|p| std::fs::metadata(p).ok())
             .map(|m| m.len())
@@ -769,7 +811,15 @@ impl Bench {
         } else {
             self.socat_command(None)
         };
-        let comm = if ours { "coder-proxy" } else { "socat" };
+        // /proc/PID/comm: the executable's name, cut to 15 bytes.
+        let comm: String = if ours {
+            Path::new(proxy_bin())
+                .file_name()
+                .map(|n| n.to_string_lossy().chars().take(15).collect())
+                .unwrap_or_default()
+        } else {
+            "socat".into()
+        };
         let t0 = Instant::now();
         let mut kids: Vec<Child> = (0..n)
             .map(|_| {
@@ -794,12 +844,14 @@ impl Bench {
             ..Default::default()
         };
         let mut found = 0;
+        let mut shims = Vec::new();
         for k in &kids {
             for pid in children_of(k.id()) {
                 if read_trim(&format!("/proc/{pid}/comm")) != comm {
                     continue;
                 }
                 found += 1;
+                shims.push(pid);
                 let rollup = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))
                     .unwrap_or_default();
                 t.rss_mib += kib_field(&rollup, "Rss:") / 1024.0;
@@ -810,6 +862,10 @@ impl Bench {
         assert_eq!(found, n, "found {found} of {n} {comm} processes");
         for k in &mut kids {
             let _ = k.kill();
+        }
+        for pid in &shims {
+            // SAFETY: kill(2); these are our own grandchildren.
+            unsafe { libc::kill(*pid as libc::pid_t, libc::SIGTERM) };
         }
         for k in &mut kids {
             let _ = k.wait();
@@ -862,6 +918,7 @@ impl Bench {
              | CPU | {cpu}, {nproc} CPUs (`nproc`), {mem:.1} GiB RAM |\n\
              | kernel | {} |\n\
              | rustc | {} |\n\
+             | binary under test | `{}` ({}) |\n\
              | SSH server | {server} |\n\
              | SSH client | {}, cipher `{}`, no compression |\n\
              | socat | {} (baselines use `-b {SOCAT_BUF}`) |\n\
@@ -871,6 +928,12 @@ impl Bench {
             utc_now(),
             read_trim("/proc/sys/kernel/osrelease"),
             tool_version("rustc", &["-V"]),
+            proxy_bin().trim_start_matches(concat!(env!("CARGO_MANIFEST_DIR"), "/")),
+            if std::env::var_os("CODER_PROXY_BENCH_BIN").is_some() {
+                "`cargo build --release`, from scripts/bench.sh"
+            } else {
+                "cargo bench's own build: dev-dependency features unified in, not the shipped binary"
+            },
             tool_version("ssh", &["-V"]),
             self.cipher,
             tool_version("socat", &["-V"])
@@ -1124,10 +1187,46 @@ fn wrap(args: &[String]) -> ! {
         // SAFETY: installing a handler that only calls kill(2).
         unsafe { libc::signal(sig, forward as *const () as libc::sighandler_t) };
     }
+    let hwm = HwmSampler::start(child.id());
     let mut child = child;
-    let ru = wait_rusage(&mut child);
+    let mut ru = wait_rusage(&mut child);
+    ru.maxrss_kib = hwm.stop();
     let _ = std::fs::write(out, format!("{} {} {}\n", ru.cpu, ru.maxrss_kib, ru.code));
     std::process::exit(if ru.code >= 0 { ru.code } else { 1 });
+}
+
+/// Peak RSS of a child, from its /proc/PID/status `VmHWM` polled every
+/// 10 ms until it exits. Not rusage's `ru_maxrss`: that folds in the
+/// parent's RSS at fork/exec time (Linux keeps the old mm's high-water mark
+/// across exec), so it reports the spawner, not the shim.
+struct HwmSampler {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: std::thread::JoinHandle<i64>,
+}
+
+impl HwmSampler {
+    fn start(pid: u32) -> HwmSampler {
+        use std::sync::atomic::Ordering;
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let mut max = 0i64;
+            while !flag.load(Ordering::SeqCst) {
+                let status =
+                    std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+                max = max.max(kib_field(&status, "VmHWM:") as i64);
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            max
+        });
+        HwmSampler { stop, thread }
+    }
+
+    /// The highest `VmHWM` seen, KiB (call after the child was reaped).
+    fn stop(self) -> i64 {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.thread.join().unwrap_or(0)
+    }
 }
 
 /// A ProxyCommand line, optionally run under `__wrap`.
@@ -1235,8 +1334,24 @@ fn children_of(pid: u32) -> Vec<u32> {
     out
 }
 
-/// utime + stime of a live process, seconds.
+/// CPU time of a live process, seconds: the sum of its threads'
+/// /proc/PID/task/TID/schedstat (ns on CPU; threads that already exited are
+/// missed), else utime + stime (10 ms ticks).
 fn proc_cpu(pid: u32) -> f64 {
+    if let Ok(rd) = std::fs::read_dir(format!("/proc/{pid}/task")) {
+        let ns: f64 = rd
+            .flatten()
+            .filter_map(|t| {
+                read_trim(&t.path().join("schedstat").display().to_string())
+                    .split_whitespace()
+                    .next()
+                    .and_then(|v| v.parse::<f64>().ok())
+            })
+            .sum();
+        if ns > 0.0 {
+            return ns / 1e9;
+        }
+    }
     let stat = read_trim(&format!("/proc/{pid}/stat"));
     let Some(rest) = stat.rfind(')').map(|i| &stat[i + 1..]) else {
         return 0.0;
@@ -1337,6 +1452,11 @@ fn order(i: usize) -> [u8; 2] {
     } else {
         [1, 0]
     }
+}
+
+/// 0..n starting at a different index each run.
+fn rotate(i: usize, n: usize) -> impl Iterator<Item = usize> {
+    (0..n).map(move |k| (i + k) % n)
 }
 
 fn drain<T>(rx: &mpsc::Receiver<T>) {

@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# The performance suite in one command (issue 5): checks/installs what it
+# needs (OpenSSH client and server, socat), then builds release binaries and
+# runs `benches/suite.rs`, which prints a table of medians (min–max) next to
+# same-run baselines and writes it into docs/PERFORMANCE.md.
+#
+#   ./scripts/bench.sh                          # everything (~3–5 min + build)
+#   BENCH_ONLY=startup,reaction ./scripts/bench.sh
+#   BENCH_RUNS=15 BENCH_XFER_RUNS=5 ./scripts/bench.sh
+#   BENCH_NO_WRITE=1 ./scripts/bench.sh         # print only
+#
+# Knobs: BENCH_RUNS (9), BENCH_XFER_RUNS (3), BENCH_XFER_MIB (1024),
+# BENCH_SESSIONS (50), BENCH_ONLY, BENCH_NO_WRITE, BENCH_DOC.
+# Not part of `cargo test` or .ci/run.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need=()
+command -v ssh >/dev/null 2>&1 || need+=(openssh-client)
+[ -x /usr/sbin/sshd ] || need+=(openssh-server)
+command -v socat >/dev/null 2>&1 || need+=(socat)
+if [ "${#need[@]}" -gt 0 ]; then
+  if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+    echo "bench: installing ${need[*]}" >&2
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
+  else
+    echo "bench: missing ${need[*]}; install them (as root: apt-get install ${need[*]})" >&2
+    exit 1
+  fi
+fi
+
+# The binary under test is the one `cargo build --release` ships. `cargo
+# bench` would measure its own build instead, whose dependency features are
+# unified with the dev-dependencies (coder-sim pulls in tokio "full", hyper's
+# server side, …) and which is larger; so build the release binary here and
+# hand it over. The harness (and the coder-sim it links) builds in its own
+# target directory, without LTO, so it neither overwrites
+# target/release/coder-proxy nor takes long to rebuild.
+cargo build --release --bin coder-proxy
+target="${CARGO_TARGET_DIR:-$PWD/target}"
+export CODER_PROXY_BENCH_BIN="$target/release/coder-proxy"
+export CARGO_PROFILE_BENCH_LTO=false CARGO_PROFILE_BENCH_CODEGEN_UNITS=16
+exec cargo bench --bench suite --target-dir "$target/bench" "$@"

@@ -70,6 +70,11 @@ fn serve_until(
                 std::future::pending::<()>().await;
             }
         };
+        // Like coderd (Go sets TCP_NODELAY on every connection): upgraded
+        // DERP and websocket streams carry small frames that Nagle would hold.
+        let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+            let _ = tcp.set_nodelay(true);
+        });
         let serve = axum::serve(listener, app).with_graceful_shutdown(stopped);
         if let Err(e) = serve.await {
             log::error!("coder-sim: {what} stopped: {e}");

@@ -13,8 +13,8 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::sync::mpsc;
 
 use super::frame::{
-    self, kind, Frame, FrameReader, PeerGoneReason, CLIENT_MAX_FRAME_LEN, MAX_PACKET_SIZE,
-    PROTOCOL_VERSION, SERVER_KEY_MAX_FRAME_LEN,
+    self, kind, write_queued, Frame, FrameReader, PeerGoneReason, CLIENT_MAX_FRAME_LEN,
+    MAX_PACKET_SIZE, PROTOCOL_VERSION, SERVER_KEY_MAX_FRAME_LEN,
 };
 use super::key::{NodePrivate, NodePublic};
 use super::DerpError;
@@ -436,20 +436,10 @@ pub(crate) async fn write_loop<W: AsyncWrite>(
     mut w: WriteHalf<W>,
     mut rx: mpsc::Receiver<Vec<u8>>,
 ) {
+    let mut out = Vec::new();
     while let Some(first) = rx.recv().await {
-        let mut res = w.write_all(&first).await;
-        while res.is_ok() {
-            match rx.try_recv() {
-                Ok(more) => res = w.write_all(&more).await,
-                Err(_) => break,
-            }
-        }
-        if let Err(e) = res {
+        if let Err(e) = write_queued(&mut w, first, &mut rx, &mut out).await {
             log::debug!("derp: write failed: {e}");
-            return;
-        }
-        if let Err(e) = w.flush().await {
-            log::debug!("derp: flush failed: {e}");
             return;
         }
     }

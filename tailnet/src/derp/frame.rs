@@ -10,7 +10,8 @@
 use std::time::Duration;
 
 use bytes::{Buf, BytesMut};
-use tokio::io::{AsyncRead, AsyncReadExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::mpsc;
 
 use super::key::{NodePublic, KEY_LEN, NONCE_LEN};
 use super::DerpError;
@@ -320,6 +321,37 @@ pub fn encode_frame(kind: u8, payload: &[u8]) -> Vec<u8> {
     v
 }
 
+/// Spare room [`FrameReader`] keeps for each read.
+const READ_CHUNK: usize = 64 << 10;
+
+/// Most bytes of queued frames [`write_queued`] gathers into one write.
+const WRITE_BATCH: usize = 256 << 10;
+
+/// Writes `first` and whatever else is already queued on `rx` (up to
+/// [`WRITE_BATCH`] bytes) with as few writes as possible, then flushes.
+///
+/// A relayed WireGuard datagram is a ~1.3 KB frame; writing each on its own
+/// cost one syscall (and, on loopback, one pass through the receiver's TCP
+/// stack) per packet, which was most of a transfer's CPU. `out` is a scratch
+/// buffer kept by the caller across calls.
+pub(crate) async fn write_queued<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    first: Vec<u8>,
+    rx: &mut mpsc::Receiver<Vec<u8>>,
+    out: &mut Vec<u8>,
+) -> std::io::Result<()> {
+    out.clear();
+    out.extend_from_slice(&first);
+    while out.len() < WRITE_BATCH {
+        match rx.try_recv() {
+            Ok(more) => out.extend_from_slice(&more),
+            Err(_) => break,
+        }
+    }
+    w.write_all(out).await?;
+    w.flush().await
+}
+
 /// Reads whole frames from a byte stream.
 ///
 /// Cancel-safe: bytes read so far stay buffered in the reader, so dropping a
@@ -336,7 +368,7 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
     pub fn new(inner: R) -> Self {
         Self {
             inner,
-            buf: BytesMut::with_capacity(8 << 10),
+            buf: BytesMut::with_capacity(READ_CHUNK),
         }
     }
 
@@ -371,6 +403,8 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
                 }
                 self.buf.reserve(total - self.buf.len());
             }
+            // Read big: one syscall should bring many small frames.
+            self.buf.reserve(READ_CHUNK);
             let n = self.inner.read_buf(&mut self.buf).await?;
             if n == 0 {
                 if self.buf.is_empty() {

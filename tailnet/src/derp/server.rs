@@ -25,8 +25,8 @@ use tokio::time::Instant;
 
 use super::client::{ClientInfo, ServerInfo};
 use super::frame::{
-    kind, Frame, FrameReader, PeerGoneReason, CLIENT_INFO_MAX_FRAME_LEN, MAX_PACKET_SIZE,
-    PROTOCOL_VERSION, SERVER_MAX_FRAME_LEN,
+    kind, write_queued, Frame, FrameReader, PeerGoneReason, CLIENT_INFO_MAX_FRAME_LEN,
+    MAX_PACKET_SIZE, PROTOCOL_VERSION, SERVER_MAX_FRAME_LEN,
 };
 use super::key::{NodePrivate, NodePublic};
 use super::DerpError;
@@ -247,6 +247,7 @@ impl DerpServer {
         let every = self.inner.opts.keepalive;
         let mut keepalive = tokio::time::interval_at(Instant::now() + every, every);
         let mut gone_budget = PeerGoneBudget::new();
+        let mut batch = Vec::new();
         loop {
             tokio::select! {
                 _ = close.notified() => return Ok(()),
@@ -259,11 +260,7 @@ impl DerpServer {
                 }
                 out = rx.recv() => {
                     let Some(bytes) = out else { return Ok(()) };
-                    w.write_all(&bytes).await?;
-                    while let Ok(more) = rx.try_recv() {
-                        w.write_all(&more).await?;
-                    }
-                    w.flush().await?;
+                    write_queued(w, bytes, &mut rx, &mut batch).await?;
                 }
                 _ = keepalive.tick() => {
                     w.write_all(&Frame::KeepAlive.encode()).await?;

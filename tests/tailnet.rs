@@ -336,3 +336,68 @@ async fn agent_in_another_region_survives_relay_restarts() {
         "{err}"
     );
 }
+
+/// The agent's side sends and ends (a FIN right behind the last byte), with
+/// our stdin still open or already at EOF: every byte arrives, coder-proxy
+/// exits 0, and it says nothing about a broken connection. The engine seeing
+/// its TCP connection close (both FINs) must not race the pump's delivery of
+/// the last bytes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn remote_closes_first_over_tailnet_delivers_everything() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let data: Vec<u8> = (0..16 * MIB as u32)
+        .map(|i| (i.wrapping_mul(2654435761) >> 11) as u8)
+        .collect();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let served = data.clone();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            let d = served.clone();
+            tokio::spawn(async move {
+                let _ = s.write_all(&d).await;
+                // Close at once: FIN right behind the last byte.
+            });
+        }
+    });
+    let env = Env::new(vec![WorkspaceSpec::new("src")
+        .agent(coder_sim::AgentSpec::new("dev").tailnet_target(addr))])
+    .await;
+    for round in 0..6 {
+        let stdin_open = round % 2 == 0;
+        let mut c = tokio::process::Command::new(PROXY);
+        c.arg("--global-config")
+            .arg(env.config_dir())
+            .args(["--tunnel", "tailnet", "src.coder"])
+            .env_remove("CODER_SESSION_TOKEN")
+            .env_remove("CODER_URL")
+            .stdin(if stdin_open {
+                std::process::Stdio::piped()
+            } else {
+                std::process::Stdio::null()
+            })
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .kill_on_drop(true);
+        let mut child = c.spawn().expect("spawn");
+        // Held open until the process is gone: the remote must end it.
+        let _stdin = child.stdin.take();
+        let mut out = child.stdout.take().unwrap();
+        let mut err = child.stderr.take().unwrap();
+        let (got, errs, status) = tokio::time::timeout(LIMIT, async {
+            let mut got = Vec::new();
+            let mut errs = Vec::new();
+            let (a, b) = tokio::join!(out.read_to_end(&mut got), err.read_to_end(&mut errs));
+            a.unwrap();
+            b.unwrap();
+            (got, errs, child.wait().await.unwrap())
+        })
+        .await
+        .expect("coder-proxy did not end after the remote closed");
+        let errs = text(&errs);
+        assert_eq!(got.len(), data.len(), "round {round}: {errs}");
+        assert!(got == data, "round {round}: corrupted");
+        assert_eq!(status.code(), Some(0), "round {round}: {errs}");
+        assert!(!errs.contains("coder-proxy"), "round {round}: {errs}");
+    }
+}

@@ -184,6 +184,9 @@ pub struct AgentSpec {
     pub never_connects: bool,
     /// `connection_timeout_seconds` (rounded up); zero disables the timeout.
     pub connection_timeout: Duration,
+    /// Where the agent's tailnet streams go instead of its SSH endpoint
+    /// (the benchmark points it at a raw TCP sink or source).
+    pub tailnet_target: Option<std::net::SocketAddr>,
 }
 
 impl Default for AgentSpec {
@@ -194,6 +197,7 @@ impl Default for AgentSpec {
             startup_script: None,
             never_connects: false,
             connection_timeout: Duration::from_secs(120),
+            tailnet_target: None,
         }
     }
 }
@@ -219,6 +223,10 @@ impl AgentSpec {
     }
     pub fn connection_timeout(mut self, d: Duration) -> Self {
         self.connection_timeout = d;
+        self
+    }
+    pub fn tailnet_target(mut self, addr: std::net::SocketAddr) -> Self {
+        self.tailnet_target = Some(addr);
         self
     }
 }

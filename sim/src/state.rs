@@ -955,7 +955,7 @@ impl Shared {
                             id: a.id,
                             ws_id: b.ws_id,
                             name: a.name.clone(),
-                            ssh: ep.addr(),
+                            ssh: a.spec.tailnet_target.unwrap_or_else(|| ep.addr()),
                         })
                     })
                     .collect();

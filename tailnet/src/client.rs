@@ -699,10 +699,18 @@ pub async fn connect(dialer: Arc<dyn Dialer>, cfg: Config) -> Result<Tunnel> {
                 }
                 reason = async {
                     match engine_dead.as_mut() {
+                        // An engine that ended without a reason (its stream
+                        // closed normally) is not a dead data path.
                         Some(d) => {
-                            let _ = d.wait_for(|d| d.is_some()).await;
-                            let r = d.borrow().clone().unwrap_or_default();
-                            r
+                            let reason = d
+                                .wait_for(|d| d.is_some())
+                                .await
+                                .ok()
+                                .and_then(|r| r.clone());
+                            match reason {
+                                Some(r) => r,
+                                None => std::future::pending().await,
+                            }
                         }
                         None => std::future::pending().await,
                     }

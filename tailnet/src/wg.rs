@@ -118,18 +118,46 @@ pub fn spawn(cfg: Config, outbound: mpsc::Sender<Vec<u8>>) -> Handle {
     let (streams_tx, streams_rx) = mpsc::channel(16);
     let (dead_tx, dead_rx) = watch::channel(None);
     let task = tokio::spawn(async move {
-        let reason = match Engine::new(cfg, outbound, streams_tx) {
+        let stop = match Engine::new(cfg, outbound, streams_tx) {
             Ok(mut e) => e.run(in_rx).await,
-            Err(e) => e,
+            Err(e) => Stop::Failed(e),
         };
-        log::debug!("wireguard engine stopped: {reason}");
-        let _ = dead_tx.send(Some(reason));
+        match stop {
+            Stop::Failed(reason) => {
+                log::debug!("wireguard engine stopped: {reason}");
+                let _ = dead_tx.send(Some(reason));
+            }
+            // Not a failure: `dead` is dropped without a reason, and the
+            // stream's own EOF tells the caller.
+            Stop::Ended => log::debug!("wireguard engine stopped: the TCP connection ended"),
+        }
     });
     Handle {
         streams: streams_rx,
         dead: dead_rx,
         inbound: in_tx,
         task,
+    }
+}
+
+/// Why an engine stopped.
+enum Stop {
+    /// The Connect role's connection closed after both FINs: the stream
+    /// ended normally, which its reader sees as EOF.
+    Ended,
+    /// The data path or the connection failed.
+    Failed(String),
+}
+
+impl From<String> for Stop {
+    fn from(reason: String) -> Stop {
+        Stop::Failed(reason)
+    }
+}
+
+impl From<&str> for Stop {
+    fn from(reason: &str) -> Stop {
+        Stop::Failed(reason.to_string())
     }
 }
 
@@ -188,6 +216,8 @@ struct Conn {
     fin_sent: bool,
     /// `None` once the peer's FIN was passed on as EOF.
     to_app: Option<mpsc::Sender<Vec<u8>>>,
+    /// The peer closed its side with a FIN (not a reset).
+    peer_fin: bool,
     /// Set once the connection was handed to the caller.
     announced: bool,
     /// Kept until the connection is established.
@@ -343,6 +373,7 @@ impl Engine {
             app_eof: false,
             fin_sent: false,
             to_app: Some(to_app_tx),
+            peer_fin: false,
             announced: false,
             app_end: Some(app),
             from_app: from_app_rx,
@@ -350,22 +381,22 @@ impl Engine {
     }
 
     /// Run until the data path dies or the caller goes away.
-    async fn run(&mut self, mut inbound: mpsc::Receiver<Vec<u8>>) -> String {
+    async fn run(&mut self, mut inbound: mpsc::Receiver<Vec<u8>>) -> Stop {
         let mut timers = tokio::time::interval(TIMER_TICK);
         timers.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         // A first handshake right away (Connect) so the path comes up fast.
         if let Err(e) = self.flush_handshake().await {
-            return e;
+            return Stop::Failed(e);
         }
         loop {
-            if let Err(e) = self.step().await {
-                return e;
+            if let Err(stop) = self.step().await {
+                return stop;
             }
             if self.last_rx.elapsed() > self.cfg.dead_after {
-                return format!(
+                return Stop::Failed(format!(
                     "the WireGuard data path is dead: nothing received from the peer for {}s",
                     self.cfg.dead_after.as_secs()
-                );
+                ));
             }
             let delay = self
                 .iface
@@ -467,7 +498,7 @@ impl Engine {
     }
 
     /// Poll the stack, move data between sockets and apps, send packets.
-    async fn step(&mut self) -> Result<(), String> {
+    async fn step(&mut self) -> Result<(), Stop> {
         // App → sockets.
         for c in &mut self.conns {
             while c.pending.len() < CHUNK && !c.app_eof {
@@ -512,6 +543,8 @@ impl Engine {
                     // The peer half-closed and everything was passed on:
                     // let the app read EOF.
                     if c.announced && !s.may_recv() && !s.can_recv() {
+                        // A reset lands in Closed directly; a FIN never does.
+                        c.peer_fin = s.state() != tcp::State::Closed;
                         c.to_app = None;
                         progressed = true;
                     }
@@ -535,7 +568,7 @@ impl Engine {
     }
 
     /// Announce established connections, accept new ones, reap dead ones.
-    async fn housekeeping(&mut self) -> Result<(), String> {
+    async fn housekeeping(&mut self) -> Result<(), Stop> {
         // A listener that got a connection becomes a connection; listen again.
         if let Some(h) = self.listener {
             let s = self.sockets.get::<tcp::Socket>(h);
@@ -572,7 +605,11 @@ impl Engine {
                 self.sockets.remove(c.handle);
                 // Dropping `to_app` ends the app's read side.
                 if let Role::Connect { .. } = self.cfg.role {
-                    return Err("the TCP connection to the agent closed".into());
+                    return Err(if c.peer_fin {
+                        Stop::Ended
+                    } else {
+                        "the agent reset the TCP connection".into()
+                    });
                 }
                 continue;
             }

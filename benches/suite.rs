@@ -46,11 +46,32 @@ fn proxy_bin() -> &'static str {
         }
     })
 }
-const TAILNET_NA: &str = "n/a — transport not built yet (issue 4)";
 const GIB: f64 = (1u64 << 30) as f64;
 const MIB: f64 = (1u64 << 20) as f64;
 /// Buffer of socat baselines (`-b`): default socat's 8 KiB blocks prove little.
 const SOCAT_BUF: &str = "262144";
+
+/// What carries the SSH bytes in a run.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Via {
+    /// coder-proxy with `--tunnel tcp://` straight to the agent's endpoint.
+    Tcp,
+    /// coder-proxy with `--tunnel tailnet`: coordinate websocket, DERP relay
+    /// and WireGuard, all on loopback through coder-sim.
+    Tailnet,
+    /// `socat -b 262144` on the same path as `Tcp` (the baseline).
+    Socat,
+}
+
+impl Via {
+    fn name(self) -> &'static str {
+        match self {
+            Via::Tcp => "tcp://",
+            Via::Tailnet => "tailnet",
+            Via::Socat => "socat",
+        }
+    }
+}
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
@@ -154,6 +175,10 @@ struct Bench {
     sessions: usize,
     nc: Option<&'static str>,
     parts: Parts,
+    /// Raw TCP sink and source, also behind the agents of workspaces
+    /// `rawup`/`rawdown` for the raw pipe over tailnet.
+    sink: RawServer,
+    source: RawServer,
 }
 
 /// Which transfers to run (`BENCH_ONLY=raw` or `ssh-xfer` narrows
@@ -198,6 +223,14 @@ impl Bench {
             ),
         )
         .expect("add workspace react");
+        let sink = RawServer::start(true, cfg.xfer_bytes);
+        let source = RawServer::start(false, cfg.xfer_bytes);
+        for (name, server) in [("rawup", &sink), ("rawdown", &source)] {
+            rt.block_on(sim.add_workspace(
+                WorkspaceSpec::new(name).agent(AgentSpec::new("dev").tailnet_target(server.addr)),
+            ))
+            .expect("add raw workspace");
+        }
         let tmp_dir = tempfile::Builder::new()
             .prefix("coder-proxy-bench-")
             .tempdir()
@@ -231,6 +264,8 @@ impl Bench {
                 ssh_xfer: cfg.wants("throughput") || cfg.wants("ssh-xfer"),
                 raw: cfg.wants("throughput") || cfg.wants("raw"),
             },
+            sink,
+            source,
         }
     }
 
@@ -254,13 +289,24 @@ impl Bench {
         c
     }
 
-    /// The ProxyCommand line for coder-proxy to the agent, wrapped so its
-    /// rusage lands in `out` when given.
-    fn proxy_command(&self, out: Option<&Path>) -> String {
+    /// `--tunnel` for coder-proxy to agent `dev` of workspace `dev`.
+    fn tunnel(&self, via: Via) -> String {
+        match via {
+            Via::Tailnet => "tailnet".into(),
+            _ => format!("tcp://{}", self.agent),
+        }
+    }
+
+    /// The ProxyCommand line for `via` to the agent, wrapped so its rusage
+    /// lands in `out` when given.
+    fn proxy_command(&self, via: Via, out: Option<&Path>) -> String {
+        if via == Via::Socat {
+            return self.socat_command(out);
+        }
         let inner = format!(
             "{} {} %h",
             proxy_bin(),
-            self.proxy_args(&format!("tcp://{}", self.agent)).join(" ")
+            self.proxy_args(&self.tunnel(via)).join(" ")
         );
         wrapped(&inner, out)
     }
@@ -383,41 +429,45 @@ impl Bench {
             ));
         }
 
-        // Process start → first SSH byte from the agent (sshd's banner).
-        let tunnel = format!("tcp://{}", self.agent);
-        let mut ours = Vec::new();
-        let mut base = Vec::new();
+        // Process start → first SSH byte from the agent (sshd's banner),
+        // coder-proxy over tcp:// and over tailnet, and nc straight there.
+        let mut got: [Vec<f64>; 3] = Default::default();
         for i in 0..self.runs {
-            for which in order(i) {
-                let cmd = if which == 0 {
-                    self.proxy(&tunnel, "dev.coder")
-                } else {
-                    shell(&self.nc_command())
+            for which in rotate(i, 3) {
+                let cmd = match which {
+                    0 => self.proxy(&self.tunnel(Via::Tcp), "dev.coder"),
+                    1 => self.proxy(&self.tunnel(Via::Tailnet), "dev.coder"),
+                    _ => shell(&self.nc_command()),
                 };
-                let v = first_stdout_byte(cmd);
-                if which == 0 { &mut ours } else { &mut base }.push(v);
+                got[which].push(first_stdout_byte(cmd));
             }
         }
-        rows.push(Row::measured(
-            "1. Start-up",
-            "process start → first SSH byte, running workspace (tcp://)",
-            "ms",
-            &ours,
-            &format!("{} straight to the agent", self.nc_name()),
-            &base,
-            Delta::Plus,
-            Target::OverheadAtMost(20.0),
-        ));
+        let nc = format!("{} straight to the agent", self.nc_name());
+        for (which, target) in [(0, Target::OverheadAtMost(20.0)), (1, Target::None)] {
+            let via = [Via::Tcp, Via::Tailnet][which];
+            rows.push(Row::measured(
+                "1. Start-up",
+                &format!(
+                    "process start → first SSH byte, running workspace ({})",
+                    via.name()
+                ),
+                "ms",
+                &got[which],
+                &nc,
+                &got[2],
+                Delta::Plus,
+                target,
+            ));
+        }
 
         // What users feel: `ssh host true`.
-        let mut ours = Vec::new();
-        let mut base = Vec::new();
+        let mut got: [Vec<f64>; 3] = Default::default();
         for i in 0..self.runs {
-            for which in order(i) {
-                let pc = if which == 0 {
-                    self.proxy_command(None)
-                } else {
-                    self.nc_command()
+            for which in rotate(i, 3) {
+                let pc = match which {
+                    0 => self.proxy_command(Via::Tcp, None),
+                    1 => self.proxy_command(Via::Tailnet, None),
+                    _ => self.nc_command(),
                 };
                 let mut c = self.ssh(&pc, "true");
                 c.stdin(Stdio::null())
@@ -431,23 +481,22 @@ impl Bench {
                     "ssh true failed: {}",
                     String::from_utf8_lossy(&out.stderr)
                 );
-                if which == 0 { &mut ours } else { &mut base }.push(v);
+                got[which].push(v);
             }
         }
-        rows.push(Row::measured(
-            "1. Start-up",
-            "`ssh host true`, first command done (tcp://)",
-            "ms",
-            &ours,
-            &format!("ssh -o ProxyCommand='{} %h %p'", self.nc_name()),
-            &base,
-            Delta::Plus,
-            Target::None,
-        ));
-        rows.push(Row::na(
-            "1. Start-up",
-            "process start → first SSH byte (tailnet)",
-        ));
+        let base = format!("ssh -o ProxyCommand='{} %h %p'", self.nc_name());
+        for (which, via) in [(0, Via::Tcp), (1, Via::Tailnet)] {
+            rows.push(Row::measured(
+                "1. Start-up",
+                &format!("`ssh host true`, first command done ({})", via.name()),
+                "ms",
+                &got[which],
+                &base,
+                &got[2],
+                Delta::Plus,
+                Target::None,
+            ));
+        }
     }
 
     // ----- 2. reaction -----------------------------------------------------------
@@ -539,7 +588,9 @@ impl Bench {
         let gib = self.xfer_bytes as f64 / GIB;
         let size = human_size(self.xfer_bytes);
 
-        // Through ssh, both directions.
+        // Through ssh, both directions; coder-proxy over tcp:// and over
+        // tailnet, and socat on the tcp:// path, interleaved.
+        const VIAS: [Via; 3] = [Via::Tcp, Via::Socat, Via::Tailnet];
         let ssh_dirs = if self.parts.ssh_xfer { 2 } else { 0 };
         for (dir, remote) in [
             ("upload", "date +%s%N >&2; cat > /dev/null".to_string()),
@@ -548,16 +599,11 @@ impl Bench {
         .into_iter()
         .take(ssh_dirs)
         {
-            let mut ours = Sample::default();
-            let mut base = Sample::default();
+            let mut got: [Sample; 3] = Default::default();
             for i in 0..self.xfer_runs {
-                for which in order(i) {
+                for which in rotate(i, 3) {
                     let rusage = self.tmp.join(format!("rusage-{dir}-{i}-{which}"));
-                    let pc = if which == 0 {
-                        self.proxy_command(Some(&rusage))
-                    } else {
-                        self.socat_command(Some(&rusage))
-                    };
+                    let pc = self.proxy_command(VIAS[which], Some(&rusage));
                     let mut c = self.ssh(&pc, &remote);
                     if dir == "upload" {
                         c.stdin(File::open(&big).unwrap());
@@ -576,89 +622,62 @@ impl Bench {
                         .unwrap_or_else(|| panic!("no start time from remote: {err}"));
                     let secs = (end.saturating_sub(start)) as f64 / 1e9;
                     let ru = read_rusage(&rusage);
-                    let s = if which == 0 { &mut ours } else { &mut base };
-                    s.rate.push(self.xfer_bytes as f64 / MIB / secs);
-                    s.cpu.push(ru.cpu / gib);
-                    s.rss.push(ru.maxrss_kib as f64 / 1024.0);
+                    got[which].push(self.xfer_bytes as f64 / MIB / secs, &ru, gib);
                 }
             }
-            weight.transfer_rss.extend(ours.rss.iter().copied());
-            weight.transfer_rss_base.extend(base.rss.iter().copied());
-            push_transfer_rows(
-                rows,
-                &format!("ssh {dir} `{}` {size}", short_remote(dir)),
-                "ssh, tcp://",
-                &ours,
-                &base,
-            );
+            let [tcp, socat, tailnet] = &got;
+            weight.add(Via::Tcp, &tcp.rss, &socat.rss);
+            weight.add(Via::Tailnet, &tailnet.rss, &[]);
+            let what = format!("ssh {dir} `{}` {size}", short_remote(dir));
+            push_transfer_rows(rows, &what, "ssh, tcp://", tcp, socat);
+            push_tailnet_rows(rows, &what, "ssh", tailnet, tcp);
         }
 
-        // The raw pipe: stdin → shim → TCP sink, and TCP source → shim → stdout.
+        // The raw pipe: stdin → shim → TCP sink, and TCP source → shim →
+        // stdout; over tailnet the sink/source sits behind the agent.
         let raw_dirs = if self.parts.raw { 2 } else { 0 };
         for dir in ["upload", "download"].into_iter().take(raw_dirs) {
-            let mut ours = Sample::default();
-            let mut base = Sample::default();
+            let mut got: [Sample; 3] = Default::default();
             for i in 0..self.xfer_runs.max(3) {
-                for which in order(i) {
-                    let (secs, ru) = self.raw_transfer(dir == "upload", which == 0);
-                    let s = if which == 0 { &mut ours } else { &mut base };
-                    s.rate.push(self.xfer_bytes as f64 / MIB / secs);
-                    s.cpu.push(ru.cpu / gib);
-                    s.rss.push(ru.maxrss_kib as f64 / 1024.0);
+                for which in rotate(i, 3) {
+                    let (secs, ru) = self.raw_transfer(dir == "upload", VIAS[which]);
+                    got[which].push(self.xfer_bytes as f64 / MIB / secs, &ru, gib);
                 }
             }
-            weight.transfer_rss.extend(ours.rss.iter().copied());
-            weight.transfer_rss_base.extend(base.rss.iter().copied());
+            let [tcp, socat, tailnet] = &got;
+            weight.add(Via::Tcp, &tcp.rss, &socat.rss);
+            weight.add(Via::Tailnet, &tailnet.rss, &[]);
             let what = if dir == "upload" {
                 format!("raw pipe stdin → shim → TCP sink, {size}")
             } else {
                 format!("raw pipe TCP source → shim → stdout, {size}")
             };
-            push_transfer_rows(rows, &what, "raw, tcp://", &ours, &base);
+            push_transfer_rows(rows, &what, "raw, tcp://", tcp, socat);
+            push_tailnet_rows(rows, &what, "raw", tailnet, tcp);
         }
-        rows.push(Row::na(
-            "3. Throughput",
-            "ssh and raw pipe over tailnet, ratio to tcp://",
-        ));
-        rows.push(Row::na("5. CPU per GiB", "tailnet"));
     }
 
     /// One raw transfer of `xfer_bytes`; returns (data-phase seconds, rusage).
-    fn raw_transfer(&self, upload: bool, ours: bool) -> (f64, Rusage) {
-        let l = TcpListener::bind("127.0.0.1:0").unwrap();
-        let addr = l.local_addr().unwrap();
+    fn raw_transfer(&self, upload: bool, via: Via) -> (f64, Rusage) {
+        let server = if upload { &self.sink } else { &self.source };
+        server.drain();
+        let addr = server.addr;
         let n = self.xfer_bytes;
-        let server = std::thread::spawn(move || -> (Instant, Instant, u64) {
-            let (mut s, _) = l.accept().unwrap();
-            let t0 = Instant::now();
-            let mut buf = vec![0u8; 1 << 20];
-            if upload {
-                let mut got = 0u64;
-                loop {
-                    match s.read(&mut buf) {
-                        Ok(0) | Err(_) => break,
-                        Ok(k) => got += k as u64,
-                    }
-                }
-                (t0, Instant::now(), got)
-            } else {
-                let mut left = n;
-                while left > 0 {
-                    let k = left.min(buf.len() as u64) as usize;
-                    if s.write_all(&buf[..k]).is_err() {
-                        break;
-                    }
-                    left -= k as u64;
-                }
-                (t0, Instant::now(), n - left)
+        let mut cmd = match via {
+            Via::Tcp => self.proxy(&format!("tcp://{addr}"), "dev.coder"),
+            Via::Tailnet => self.proxy(
+                "tailnet",
+                if upload {
+                    "rawup.coder"
+                } else {
+                    "rawdown.coder"
+                },
+            ),
+            Via::Socat => {
+                let mut c = Command::new("socat");
+                c.args(["-b", SOCAT_BUF, "-", &format!("TCP:{addr}")]);
+                c
             }
-        });
-        let mut cmd = if ours {
-            self.proxy(&format!("tcp://{addr}"), "dev.coder")
-        } else {
-            let mut c = Command::new("socat");
-            c.args(["-b", SOCAT_BUF, "-", &format!("TCP:{addr}")]);
-            c
         };
         cmd.stdin(Stdio::piped())
             .stdout(Stdio::piped())
@@ -682,7 +701,7 @@ impl Bench {
             let mut sink = Vec::new();
             let _ = stdout.read_to_end(&mut sink);
             writer.join().unwrap();
-            let (t0, t1, got) = server.join().unwrap();
+            let (t0, t1, got) = server.result();
             ((t1 - t0).as_secs_f64(), got)
         } else {
             let mut buf = vec![0u8; 1 << 20];
@@ -694,7 +713,7 @@ impl Bench {
                 }
             }
             let t1 = Instant::now();
-            let (t0, _, _) = server.join().unwrap();
+            let (t0, _, _) = server.result();
             drop(stdin);
             ((t1 - t0).as_secs_f64(), got)
         };
@@ -708,16 +727,12 @@ impl Bench {
 
     fn weight(&self, rows: &mut Vec<Row>, w: &Weight) {
         // Peak RSS of one shim over an idle session.
-        let mut ours = Vec::new();
-        let mut base = Vec::new();
+        const VIAS: [Via; 3] = [Via::Tcp, Via::Socat, Via::Tailnet];
+        let mut got: [Vec<f64>; 3] = Default::default();
         for i in 0..self.runs.min(5) {
-            for which in order(i) {
+            for which in rotate(i, 3) {
                 let rusage = self.tmp.join(format!("rusage-idle-{i}-{which}"));
-                let pc = if which == 0 {
-                    self.proxy_command(Some(&rusage))
-                } else {
-                    self.socat_command(Some(&rusage))
-                };
+                let pc = self.proxy_command(VIAS[which], Some(&rusage));
                 let out = self
                     .ssh(&pc, "sleep 1")
                     .stdin(Stdio::null())
@@ -725,64 +740,79 @@ impl Bench {
                     .expect("ssh");
                 assert!(out.status.success(), "ssh sleep failed");
                 let ru = read_rusage(&rusage);
-                if which == 0 { &mut ours } else { &mut base }.push(ru.maxrss_kib as f64 / 1024.0);
+                got[which].push(ru.maxrss_kib as f64 / 1024.0);
             }
         }
-        rows.push(Row::measured(
-            "4. Weight",
-            "peak RSS of one shim, idle `ssh host sleep 1` (tcp://)",
-            "MiB",
-            &ours,
-            "socat -b 262144",
-            &base,
-            Delta::Ratio,
-            Target::AtMost(10.0),
-        ));
-        if !w.transfer_rss.is_empty() {
+        for (which, limit) in [(0, 10.0), (2, 24.0)] {
             rows.push(Row::measured(
                 "4. Weight",
-                "peak RSS of one shim during a transfer (tcp://, all transfer runs)",
+                &format!(
+                    "peak RSS of one shim, idle `ssh host sleep 1` ({})",
+                    VIAS[which].name()
+                ),
                 "MiB",
-                &w.transfer_rss,
+                &got[which],
+                "socat -b 262144",
+                &got[1],
+                Delta::Ratio,
+                Target::AtMost(limit),
+            ));
+        }
+        for (via, rss, limit) in [
+            (Via::Tcp, &w.transfer_rss, 10.0),
+            (Via::Tailnet, &w.transfer_rss_tailnet, 24.0),
+        ] {
+            if rss.is_empty() {
+                continue;
+            }
+            rows.push(Row::measured(
+                "4. Weight",
+                &format!(
+                    "peak RSS of one shim during a transfer ({}, all transfer runs)",
+                    via.name()
+                ),
+                "MiB",
+                rss,
                 "socat -b 262144",
                 &w.transfer_rss_base,
                 Delta::Ratio,
-                Target::AtMost(10.0),
+                Target::AtMost(limit),
             ));
         }
-        rows.push(Row::na(
-            "4. Weight",
-            "peak RSS of one shim (tailnet, target ≤ 24 MiB)",
-        ));
 
         // N concurrent idle sessions.
         let n = self.sessions;
-        let ours = self.concurrent(n, true);
-        let base = self.concurrent(n, false);
-        rows.push(Row::single(
-            "4. Weight",
-            &format!("{n} concurrent sessions: total RSS (PSS) of the shims"),
-            &format!("{:.1} MiB ({:.1} MiB)", ours.rss_mib, ours.pss_mib),
-            &format!(
-                "{n}× socat: {:.1} MiB ({:.1} MiB)",
-                base.rss_mib, base.pss_mib
-            ),
-            &format!("{:.1} MiB per shim", ours.rss_mib / n as f64),
-        ));
-        rows.push(Row::single(
-            "4. Weight",
-            &format!("{n} concurrent sessions: total CPU of the shims (set-up included)"),
-            &format!("{:.3} s", ours.cpu_s),
-            &format!("{n}× socat: {:.3} s", base.cpu_s),
-            &format!("{:.1} ms per shim", ours.cpu_s * 1000.0 / n as f64),
-        ));
-        rows.push(Row::single(
-            "4. Weight",
-            &format!("{n} concurrent sessions: all established (wall)"),
-            &format!("{:.0} ms", ours.wall_ms),
-            &format!("{n}× socat: {:.0} ms", base.wall_ms),
-            "",
-        ));
+        let base = self.concurrent(n, Via::Socat);
+        for via in [Via::Tcp, Via::Tailnet] {
+            let ours = self.concurrent(n, via);
+            let name = via.name();
+            rows.push(Row::single(
+                "4. Weight",
+                &format!("{n} concurrent sessions ({name}): total RSS (PSS) of the shims"),
+                &format!("{:.1} MiB ({:.1} MiB)", ours.rss_mib, ours.pss_mib),
+                &format!(
+                    "{n}× socat: {:.1} MiB ({:.1} MiB)",
+                    base.rss_mib, base.pss_mib
+                ),
+                &format!("{:.1} MiB per shim", ours.rss_mib / n as f64),
+            ));
+            rows.push(Row::single(
+                "4. Weight",
+                &format!(
+                    "{n} concurrent sessions ({name}): total CPU of the shims (set-up included)"
+                ),
+                &format!("{:.3} s", ours.cpu_s),
+                &format!("{n}× socat: {:.3} s", base.cpu_s),
+                &format!("{:.1} ms per shim", ours.cpu_s * 1000.0 / n as f64),
+            ));
+            rows.push(Row::single(
+                "4. Weight",
+                &format!("{n} concurrent sessions ({name}): all established (wall)"),
+                &format!("{:.0} ms", ours.wall_ms),
+                &format!("{n}× socat: {:.0} ms", base.wall_ms),
+                "",
+            ));
+        }
 
         // Binary size.
         let size = std::fs::metadata(proxy_bin()).map(|m| m.len()).unwrap_or(0);
@@ -805,12 +835,9 @@ impl Bench {
         rows.push(row);
     }
 
-    fn concurrent(&self, n: usize, ours: bool) -> Totals {
-        let pc = if ours {
-            self.proxy_command(None)
-        } else {
-            self.socat_command(None)
-        };
+    fn concurrent(&self, n: usize, via: Via) -> Totals {
+        let ours = via != Via::Socat;
+        let pc = self.proxy_command(via, None);
         // /proc/PID/comm: the executable's name, cut to 15 bytes.
         let comm: String = if ours {
             Path::new(proxy_bin())
@@ -960,10 +987,30 @@ struct Sample {
     rss: Vec<f64>,
 }
 
+impl Sample {
+    fn push(&mut self, rate: f64, ru: &Rusage, gib: f64) {
+        self.rate.push(rate);
+        self.cpu.push(ru.cpu / gib);
+        self.rss.push(ru.maxrss_kib as f64 / 1024.0);
+    }
+}
+
+/// Peak RSS of the shims during transfers, per transport, and of socat.
 #[derive(Default)]
 struct Weight {
     transfer_rss: Vec<f64>,
     transfer_rss_base: Vec<f64>,
+    transfer_rss_tailnet: Vec<f64>,
+}
+
+impl Weight {
+    fn add(&mut self, via: Via, ours: &[f64], socat: &[f64]) {
+        match via {
+            Via::Tailnet => self.transfer_rss_tailnet.extend_from_slice(ours),
+            _ => self.transfer_rss.extend_from_slice(ours),
+        }
+        self.transfer_rss_base.extend_from_slice(socat);
+    }
 }
 
 #[derive(Default)]
@@ -972,6 +1019,30 @@ struct Totals {
     pss_mib: f64,
     cpu_s: f64,
     wall_ms: f64,
+}
+
+/// Tailnet rows: the rate and CPU as a ratio to coder-proxy on `tcp://`.
+fn push_tailnet_rows(rows: &mut Vec<Row>, what: &str, kind: &str, tailnet: &Sample, tcp: &Sample) {
+    rows.push(Row::measured(
+        "3. Throughput",
+        &format!("{what}, over tailnet (DERP on loopback)"),
+        "MiB/s",
+        &tailnet.rate,
+        "coder-proxy on tcp://, same run",
+        &tcp.rate,
+        Delta::Ratio,
+        Target::None,
+    ));
+    rows.push(Row::measured(
+        "5. CPU per GiB",
+        &format!("{what} ({kind}, tailnet)"),
+        "CPU s/GiB",
+        &tailnet.cpu,
+        "coder-proxy on tcp://",
+        &tcp.cpu,
+        Delta::Ratio,
+        Target::None,
+    ));
 }
 
 fn push_transfer_rows(rows: &mut Vec<Row>, what: &str, path: &str, ours: &Sample, base: &Sample) {
@@ -1073,18 +1144,6 @@ impl Row {
             } else {
                 delta.into()
             },
-            target: "—".into(),
-            verdict: "—".into(),
-        }
-    }
-
-    fn na(section: &str, metric: &str) -> Row {
-        Row {
-            section: section.into(),
-            metric: metric.into(),
-            ours: TAILNET_NA.into(),
-            base: "—".into(),
-            delta: "—".into(),
             target: "—".into(),
             verdict: "—".into(),
         }
@@ -1226,6 +1285,70 @@ impl HwmSampler {
     fn stop(self) -> i64 {
         self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
         self.thread.join().unwrap_or(0)
+    }
+}
+
+/// A raw TCP sink (`upload`) or source of `n` bytes serving one connection
+/// at a time, reporting (accepted, done, bytes) for each.
+struct RawServer {
+    addr: SocketAddr,
+    done: std::sync::Mutex<mpsc::Receiver<(Instant, Instant, u64)>>,
+}
+
+impl RawServer {
+    fn start(upload: bool, n: u64) -> RawServer {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let mut buf = vec![0u8; 1 << 20];
+            for conn in l.incoming() {
+                let Ok(mut s) = conn else { continue };
+                let t0 = Instant::now();
+                let moved = if upload {
+                    let mut got = 0u64;
+                    loop {
+                        match s.read(&mut buf) {
+                            Ok(0) | Err(_) => break,
+                            Ok(k) => got += k as u64,
+                        }
+                    }
+                    got
+                } else {
+                    let mut left = n;
+                    while left > 0 {
+                        let k = left.min(buf.len() as u64) as usize;
+                        if s.write_all(&buf[..k]).is_err() {
+                            break;
+                        }
+                        left -= k as u64;
+                    }
+                    n - left
+                };
+                drop(s);
+                if tx.send((t0, Instant::now(), moved)).is_err() {
+                    return;
+                }
+            }
+        });
+        RawServer {
+            addr,
+            done: std::sync::Mutex::new(rx),
+        }
+    }
+
+    /// Forget results of earlier connections.
+    fn drain(&self) {
+        drain(&self.done.lock().unwrap());
+    }
+
+    /// The next connection's result.
+    fn result(&self) -> (Instant, Instant, u64) {
+        self.done
+            .lock()
+            .unwrap()
+            .recv_timeout(Duration::from_secs(120))
+            .expect("the raw server saw no transfer within 120 s")
     }
 }
 
@@ -1446,15 +1569,8 @@ fn raw_watch(api: SocketAddr, ws_id: &str, token: &str, tx: mpsc::Sender<(Instan
 
 // ----- small things -------------------------------------------------------------
 
-fn order(i: usize) -> [u8; 2] {
-    if i % 2 == 0 {
-        [0, 1]
-    } else {
-        [1, 0]
-    }
-}
-
-/// 0..n starting at a different index each run.
+/// 0..n, starting at a different index each run, so no variant always
+/// runs first (or right after another particular one).
 fn rotate(i: usize, n: usize) -> impl Iterator<Item = usize> {
     (0..n).map(move |k| (i + k) % n)
 }

@@ -15,6 +15,7 @@ pub mod readiness;
 pub mod session;
 pub mod settings;
 pub mod target;
+pub mod tls;
 pub mod tunnel;
 pub mod wait;
 

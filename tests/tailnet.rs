@@ -360,8 +360,9 @@ async fn remote_closes_first_over_tailnet_delivers_everything() {
             });
         }
     });
-    let env = Env::new(vec![WorkspaceSpec::new("src")
-        .agent(coder_sim::AgentSpec::new("dev").tailnet_target(addr))])
+    let env = Env::new(vec![
+        WorkspaceSpec::new("src").agent(coder_sim::AgentSpec::new("dev").tailnet_target(addr))
+    ])
     .await;
     for round in 0..6 {
         let stdin_open = round % 2 == 0;

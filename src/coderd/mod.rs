@@ -150,17 +150,22 @@ impl Client {
             v.set_sensitive(true);
             headers.insert(HeaderName::from_static("coder-session-token"), v);
         }
-        let http = reqwest::Client::builder()
+        let mut builder = reqwest::Client::builder()
             .default_headers(headers.clone())
             .user_agent(concat!("coder-proxy/", env!("CARGO_PKG_VERSION")))
             .connect_timeout(CONNECT_TIMEOUT)
             .redirect(same_origin_redirects())
             .tcp_nodelay(true)
-            // Loading and parsing the system CA roots is most of our start-up
-            // time (~5 ms of ~6.5, docs/PERFORMANCE.md). A plain-http
-            // deployment never needs them: redirects stay on the same origin,
-            // so this client never speaks TLS.
-            .tls_built_in_root_certs(settings.url.scheme() == "https")
+            .tls_built_in_root_certs(false);
+        // A plain-http deployment never needs the roots (redirects stay on
+        // the same origin, so this client never speaks TLS); an https one
+        // shares them with the tailnet dialer (see `crate::tls`).
+        if settings.url.scheme() == "https" {
+            builder = builder.use_preconfigured_tls(
+                crate::tls::rest_config().map_err(|e| anyhow::anyhow!("cannot set up TLS: {e}"))?,
+            );
+        }
+        let http = builder
             .build()
             .map_err(|e| anyhow::anyhow!("cannot set up the HTTP client: {}", error_chain(&e)))?;
         Ok(Client {

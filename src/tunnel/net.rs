@@ -5,7 +5,7 @@
 //! relay need a raw upgraded connection, so they are dialed here with the
 //! same TLS stack (rustls + ring) and the same trust store.
 
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
@@ -29,29 +29,7 @@ impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> Io for T {}
 pub type BoxIo = Box<dyn Io>;
 
 fn tls_config() -> Result<Arc<rustls::ClientConfig>> {
-    static CONFIG: OnceLock<Result<Arc<rustls::ClientConfig>, String>> = OnceLock::new();
-    CONFIG
-        .get_or_init(|| {
-            let mut roots = rustls::RootCertStore::empty();
-            let found = rustls_native_certs::load_native_certs();
-            for cert in found.certs {
-                let _ = roots.add(cert);
-            }
-            if roots.is_empty() {
-                return Err("no trusted root certificates found on this system".to_string());
-            }
-            let provider = Arc::new(rustls::crypto::ring::default_provider());
-            let mut cfg = rustls::ClientConfig::builder_with_provider(provider)
-                .with_safe_default_protocol_versions()
-                .map_err(|e| e.to_string())?
-                .with_root_certificates(roots)
-                .with_no_client_auth();
-            // Upgrades (websocket, DERP) are HTTP/1.1 only.
-            cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
-            Ok(Arc::new(cfg))
-        })
-        .clone()
-        .map_err(|e| anyhow!(e))
+    crate::tls::upgrade_config().map_err(|e| anyhow!(e))
 }
 
 /// TCP (and TLS for `https`/`wss`) to `host:port`, verifying `tls_name`.

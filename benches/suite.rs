@@ -378,15 +378,23 @@ impl Bench {
         std::fs::create_dir_all(&empty_cfg).unwrap();
         // Interleaved: coder-proxy with an http:// URL, with an https:// URL
         // (the first bytes are then the TLS ClientHello, after the system CA
-        // roots were loaded), and the socat floor.
-        let mut got: [Vec<f64>; 3] = Default::default();
+        // roots were loaded), the same with only the CA bundle (what a stock
+        // Debian loads, where the bundle is newer than /etc/ssl/certs; see
+        // src/tls.rs), and the socat floor.
+        let bundle = std::env::var_os("SSL_CERT_FILE")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| "/etc/ssl/certs/ca-certificates.crt".into());
+        let mut got: [Vec<f64>; 4] = Default::default();
         for i in 0..self.runs {
-            for which in rotate(i, 3) {
+            for which in rotate(i, 4) {
                 drain(&rx);
                 let t0 = Instant::now();
-                let mut child = if which < 2 {
+                let mut child = if which != 2 {
                     let scheme = if which == 0 { "http" } else { "https" };
                     let mut c = Command::new(proxy_bin());
+                    if which == 3 {
+                        c.env("SSL_CERT_FILE", &bundle).env_remove("SSL_CERT_DIR");
+                    }
                     c.arg("--global-config")
                         .arg(&empty_cfg)
                         .arg("--url")
@@ -416,7 +424,14 @@ impl Bench {
                 got[which].push(ms(t1 - t0));
             }
         }
-        for (which, label) in [(0, "http://"), (1, "https://, first byte = ClientHello")] {
+        for (which, label) in [
+            (0, "http://"),
+            (
+                1,
+                "https://, first byte = ClientHello; this machine's CA files",
+            ),
+            (3, "https://, CA bundle only, as on a stock Debian"),
+        ] {
             rows.push(Row::measured(
                 "1. Start-up",
                 &format!("process start → first API request on the wire ({label})"),

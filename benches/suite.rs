@@ -702,31 +702,14 @@ impl Bench {
         let mut stdin = child.stdin.take().unwrap();
         let mut stdout = child.stdout.take().unwrap();
         let (secs, count) = if upload {
-            let writer = std::thread::spawn(move || {
-                let buf = vec![0u8; 1 << 20];
-                let mut left = n;
-                while left > 0 {
-                    let k = left.min(buf.len() as u64) as usize;
-                    if stdin.write_all(&buf[..k]).is_err() {
-                        break;
-                    }
-                    left -= k as u64;
-                }
-            });
+            let writer = std::thread::spawn(move || write_zeros(&mut stdin, n));
             let mut sink = Vec::new();
             let _ = stdout.read_to_end(&mut sink);
             writer.join().unwrap();
             let (t0, t1, got) = server.result();
             ((t1 - t0).as_secs_f64(), got)
         } else {
-            let mut buf = vec![0u8; 1 << 20];
-            let mut got = 0u64;
-            loop {
-                match stdout.read(&mut buf) {
-                    Ok(0) | Err(_) => break,
-                    Ok(k) => got += k as u64,
-                }
-            }
+            let got = count_to_eof(&mut stdout);
             let t1 = Instant::now();
             let (t0, _, _) = server.result();
             drop(stdin);
@@ -1316,29 +1299,13 @@ impl RawServer {
         let addr = l.local_addr().unwrap();
         let (tx, rx) = mpsc::channel();
         std::thread::spawn(move || {
-            let mut buf = vec![0u8; 1 << 20];
             for conn in l.incoming() {
                 let Ok(mut s) = conn else { continue };
                 let t0 = Instant::now();
                 let moved = if upload {
-                    let mut got = 0u64;
-                    loop {
-                        match s.read(&mut buf) {
-                            Ok(0) | Err(_) => break,
-                            Ok(k) => got += k as u64,
-                        }
-                    }
-                    got
+                    count_to_eof(&mut s)
                 } else {
-                    let mut left = n;
-                    while left > 0 {
-                        let k = left.min(buf.len() as u64) as usize;
-                        if s.write_all(&buf[..k]).is_err() {
-                            break;
-                        }
-                        left -= k as u64;
-                    }
-                    n - left
+                    write_zeros(&mut s, n)
                 };
                 drop(s);
                 if tx.send((t0, Instant::now(), moved)).is_err() {
@@ -1364,6 +1331,32 @@ impl RawServer {
             .unwrap()
             .recv_timeout(Duration::from_secs(120))
             .expect("the raw server saw no transfer within 120 s")
+    }
+}
+
+/// Writes `n` zero bytes (less if the reader goes away); returns how many.
+fn write_zeros(w: &mut impl Write, n: u64) -> u64 {
+    let buf = vec![0u8; 1 << 20];
+    let mut left = n;
+    while left > 0 {
+        let k = left.min(buf.len() as u64) as usize;
+        if w.write_all(&buf[..k]).is_err() {
+            break;
+        }
+        left -= k as u64;
+    }
+    n - left
+}
+
+/// Reads until EOF (or an error); returns the byte count.
+fn count_to_eof(r: &mut impl Read) -> u64 {
+    let mut buf = vec![0u8; 1 << 20];
+    let mut got = 0u64;
+    loop {
+        match r.read(&mut buf) {
+            Ok(0) | Err(_) => return got,
+            Ok(k) => got += k as u64,
+        }
     }
 }
 

@@ -586,7 +586,21 @@ impl Engine {
                 .get::<tcp::Socket>(self.conns[i].handle)
                 .state();
             let c = &mut self.conns[i];
-            if !c.announced && state == tcp::State::Established {
+            // Established, or already past it: the handshake and the peer's
+            // FIN can arrive in one poll (a client that sends nothing and
+            // half-closes at once), and such a connection must still reach
+            // the app, or nobody ever serves it.
+            let was_established = matches!(
+                state,
+                tcp::State::Established
+                    | tcp::State::FinWait1
+                    | tcp::State::FinWait2
+                    | tcp::State::CloseWait
+                    | tcp::State::Closing
+                    | tcp::State::LastAck
+                    | tcp::State::TimeWait
+            );
+            if !c.announced && was_established {
                 c.announced = true;
                 if let Some(app) = c.app_end.take() {
                     if self.streams.send(app).await.is_err() {
@@ -594,7 +608,10 @@ impl Engine {
                     }
                 }
             }
-            let closed = matches!(state, tcp::State::Closed | tcp::State::TimeWait);
+            // In TIME-WAIT the socket may still hold data the app has not
+            // taken (its channel was full): keep it until the EOF was passed.
+            let closed = state == tcp::State::Closed
+                || (state == tcp::State::TimeWait && c.to_app.is_none());
             if closed {
                 let c = self.conns.remove(i);
                 if !c.announced {

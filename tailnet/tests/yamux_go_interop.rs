@@ -1,6 +1,8 @@
 //! Our yamux client against HashiCorp's Go yamux — the implementation
-//! coderd uses — via the peer in `tailnet/interop/yamux-go/main.go`, built
-//! offline from Debian's `golang-go` and `golang-github-hashicorp-yamux-dev`.
+//! coderd uses — via the peer in `tailnet/interop/yamux-go/`, a Go module
+//! pinned to the `github.com/hashicorp/yamux` version Coder's own go.mod
+//! requires (v0.1.2), built with the machine's Go (`GOTOOLCHAIN=local`) and
+//! the module proxy.
 //!
 //! Exercised: many concurrent streams, 8 MiB echo / sink (FNV-1a checked by
 //! Go) / generate (content checked here) with a slow reader, streams opened
@@ -9,8 +11,9 @@
 //! reset stream, a larger window announced on SYN/ACK by both sides, and a
 //! clean close (Go must see EOF, not a keepalive failure).
 //!
-//! Without Go or the yamux package the test skips loudly, unless
-//! `CODER_PROXY_REQUIRE_GO=1` (CI) turns that into a failure.
+//! Without Go the test skips loudly, unless `CODER_PROXY_REQUIRE_GO=1` (CI)
+//! turns that into a failure; a failing build (no module proxy and no
+//! cached module) always fails.
 
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
@@ -107,33 +110,27 @@ async fn expect_pattern<R: AsyncReadExt + Unpin>(r: &mut R, seed: u64, len: usiz
     assert_eq!(got, len, "length");
 }
 
-fn gopath_with_yamux() -> Option<PathBuf> {
-    let mut candidates: Vec<PathBuf> = std::env::var_os("GOPATH")
-        .map(|v| std::env::split_paths(&v).collect())
-        .unwrap_or_default();
-    candidates.push(PathBuf::from("/usr/share/gocode"));
-    candidates.into_iter().find(|p| {
-        p.join("src/github.com/hashicorp/yamux/session.go")
-            .is_file()
-    })
-}
-
 fn go_missing(why: &str) -> Option<PathBuf> {
     if std::env::var("CODER_PROXY_REQUIRE_GO").as_deref() == Ok("1") {
-        panic!(
-            "{why}; CODER_PROXY_REQUIRE_GO=1 requires the Go interop test \
-             (apt-get install golang-go golang-github-hashicorp-yamux-dev)"
-        );
+        panic!("{why}; CODER_PROXY_REQUIRE_GO=1 requires the Go interop test (Go 1.26 on PATH)");
     }
     // Straight to the process's stderr: libtest would swallow eprintln!
     // output of a passing test, and a skip must not go unnoticed.
     let _ = writeln!(
         std::io::stderr().lock(),
         "\n!!! SKIPPED yamux Go interop test: {why}.\n\
-         !!! Install golang-go and golang-github-hashicorp-yamux-dev to run it;\n\
+         !!! Put Go 1.26 on PATH to run it;\n\
          !!! set CODER_PROXY_REQUIRE_GO=1 to make this a failure.\n"
     );
     None
+}
+
+/// Go's module cache, shared with the real-Coder suite (scripts/interop.sh).
+fn go_cache(kind: &str, var: &str) -> PathBuf {
+    std::env::var_os(var).map(PathBuf::from).unwrap_or_else(|| {
+        let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(std::env::temp_dir);
+        home.join(".cache/coder-proxy").join(kind)
+    })
 }
 
 /// Builds the Go peer once per test binary; `None` = skip.
@@ -142,34 +139,30 @@ fn go_peer() -> Option<PathBuf> {
     PEER.get_or_init(|| {
         let go_ok = std::process::Command::new("go")
             .arg("version")
+            .env("GOTOOLCHAIN", "local")
             .output()
             .map(|o| o.status.success())
             .unwrap_or(false);
         if !go_ok {
             return go_missing("`go` is not installed");
         }
-        let Some(gopath) = gopath_with_yamux() else {
-            return go_missing(
-                "github.com/hashicorp/yamux source not found in GOPATH or /usr/share/gocode",
-            );
-        };
         let out_dir =
             std::env::temp_dir().join(format!("coder-tailnet-yamux-go-{}", std::process::id()));
-        std::fs::create_dir_all(out_dir.join("cache")).expect("temp dir");
+        std::fs::create_dir_all(&out_dir).expect("temp dir");
         let bin = out_dir.join("yamux-go");
         let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("interop/yamux-go");
         let started = Instant::now();
-        // GOPATH mode, no network: the package comes from the Debian tree.
+        // Module mode with the pinned version from go.sum; the module comes
+        // from the cache or the module proxy, never a newer toolchain.
         let out = std::process::Command::new("go")
             .args(["build", "-o"])
             .arg(&bin)
-            .arg("main.go")
+            .arg(".")
             .current_dir(&src)
-            .env("GO111MODULE", "off")
-            .env("GOPATH", &gopath)
-            .env("GOFLAGS", "")
-            .env("GOPROXY", "off")
-            .env("GOCACHE", out_dir.join("cache"))
+            .env("GOTOOLCHAIN", "local")
+            .env("GOFLAGS", "-mod=readonly")
+            .env("GOMODCACHE", go_cache("go-mod", "CODER_PROXY_GOMODCACHE"))
+            .env("GOCACHE", go_cache("go-build", "CODER_PROXY_GOCACHE"))
             .output()
             .expect("run go build");
         assert!(

@@ -18,9 +18,9 @@
 //
 // When the session ends it prints "END <reason>" on stdout and exits 0.
 //
-// Build offline (Debian: golang-go, golang-github-hashicorp-yamux-dev):
+// Build (module mode; yamux pinned in go.mod to the version Coder uses):
 //
-//	GO111MODULE=off GOPATH=/usr/share/gocode go build -o yamux-go main.go
+//	GOTOOLCHAIN=local go build -o yamux-go .
 package main
 
 import (

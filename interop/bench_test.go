@@ -204,6 +204,9 @@ func BenchmarkSideBySide(b *testing.B) {
 
 	firstByte, sshTrue := series{}, series{}
 	upRate, downRate, upCPU, downCPU, xferRSS, idleRSS := series{}, series{}, series{}, series{}, series{}, series{}
+	// CPU of this process (coderd with its DERP relay, the agent and its
+	// SSH server, the harness) per GiB: on two CPUs it bounds throughput.
+	upServer, downServer := series{}, series{}
 	for i := 0; i < runs; i++ {
 		for j := range clients {
 			c := clients[(i+j)%len(clients)]
@@ -218,11 +221,15 @@ func BenchmarkSideBySide(b *testing.B) {
 	for i := 0; i < xferRuns; i++ {
 		for j := range clients {
 			c := clients[(i+j)%len(clients)]
+			self0 := selfCPU()
 			secs, ru := benchUpload(b, d, c.client, filepath.Join(tmp, fmt.Sprintf("up-%d-%d", i, j)), xferMiB)
+			upServer.add(c.name, (selfCPU()-self0)/gib)
 			upRate.add(c.name, float64(xferMiB)/secs)
 			upCPU.add(c.name, ru.cpu/gib)
 			xferRSS.add(c.name, float64(ru.hwmKiB)/1024)
+			self0 = selfCPU()
 			secs, ru = benchDownload(b, d, c.client, filepath.Join(tmp, fmt.Sprintf("down-%d-%d", i, j)), xferMiB)
+			downServer.add(c.name, (selfCPU()-self0)/gib)
 			downRate.add(c.name, float64(xferMiB)/secs)
 			downCPU.add(c.name, ru.cpu/gib)
 			xferRSS.add(c.name, float64(ru.hwmKiB)/1024)
@@ -262,6 +269,8 @@ func BenchmarkSideBySide(b *testing.B) {
 	row(fmt.Sprintf("ssh download, %d MiB", xferMiB), "MiB/s", downRate, "≥ 2×", false, 2)
 	row("CPU per GiB, upload", "s", upCPU, "≤ 0.5×", true, 0.5)
 	row("CPU per GiB, download", "s", downCPU, "≤ 0.5×", true, 0.5)
+	row("server side (coderd + relay + agent) CPU per GiB, upload", "s", upServer, "—", true, 0)
+	row("server side (coderd + relay + agent) CPU per GiB, download", "s", downServer, "—", true, 0)
 	row("peak RSS, idle session", "MiB", idleRSS, "≤ 0.25×", true, 0.25)
 	row("peak RSS, during a transfer", "MiB", xferRSS, "≤ 0.25×", true, 0.25)
 	fmt.Fprintf(&md, "| %d concurrent sessions: total RSS | %.1f MiB | %.1f MiB | %.2f× | ≤ 0.25× |\n", sessions, concRSS[ours], concRSS[peer], concRSS[ours]/concRSS[peer])
@@ -375,6 +384,15 @@ func benchConcurrent(t testing.TB, d *deployment, c client, dir string, n int) (
 		cpu += readRusage(t, o).cpu
 	}
 	return rss, pss, cpu
+}
+
+// selfCPU is this process's user + system CPU seconds so far.
+func selfCPU() float64 {
+	var ru syscall.Rusage
+	if err := syscall.Getrusage(syscall.RUSAGE_SELF, &ru); err != nil {
+		return 0
+	}
+	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano()).Seconds()
 }
 
 type zeros struct{}

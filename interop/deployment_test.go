@@ -10,7 +10,16 @@ package interop
 
 import (
 	"context"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/tls"
+	"crypto/x509"
+	"crypto/x509/pkix"
+	"encoding/pem"
 	"fmt"
+	"math/big"
+	"net"
 	"net/url"
 	"os"
 	"path/filepath"
@@ -55,6 +64,9 @@ type deployOpts struct {
 	agentProxy bool
 	// coder-proxy and the coder CLI reach coderd through a cuttable proxy.
 	clientProxy bool
+	// Serve https with a certificate from a test CA, which the clients
+	// trust through SSL_CERT_FILE.
+	https bool
 }
 
 type deployment struct {
@@ -70,6 +82,8 @@ type deployment struct {
 	user      *codersdk.Client
 	userID    uuid.UUID
 	workspace codersdk.Workspace
+	// The test CA the clients trust (https deployments).
+	caFile string
 	// The agent's auth token (baked into the template).
 	agentToken  string
 	agent       agent.Agent
@@ -93,11 +107,17 @@ func newDeployment(t testing.TB, o deployOpts) *deployment {
 		require.NoError(t, dv.DERP.Config.ForceWebSockets.Set("true"))
 	}
 	logger := d.logger.Named("coderd")
-	d.owner = coderdtest.New(t, &coderdtest.Options{
+	opts := &coderdtest.Options{
 		IncludeProvisionerDaemon: true,
 		DeploymentValues:         dv,
 		Logger:                   &logger,
-	})
+	}
+	if o.https {
+		var cert tls.Certificate
+		d.caFile, cert = testCertificate(t, d.logDir)
+		opts.TLSCertificates = []tls.Certificate{cert}
+	}
+	d.owner = coderdtest.New(t, opts)
 	d.coderdURL = d.owner.URL
 	d.clientURL = d.owner.URL
 	first := coderdtest.CreateFirstUser(t, d.owner)
@@ -175,6 +195,9 @@ func (d *deployment) startAgent() {
 	logger := fileLogger(d.t, filepath.Join(d.logDir, "agent.log")).Named("agent")
 	client := agentsdk.New(agentURL, agentsdk.WithFixedToken(d.agentToken))
 	client.SDK.SetLogger(logger.Named("sdk"))
+	if d.caFile != "" {
+		client.SDK.HTTPClient = coderdtest.NewIsolatedHTTPClient(agentURL)
+	}
 	d.agent = agenttest.New(d.t, agentURL, d.agentToken, func(o *agent.Options) {
 		o.Logger = logger
 		o.Client = client
@@ -222,11 +245,53 @@ func (d *deployment) clientEnv(token string) []string {
 		}
 		env = append(env, kv)
 	}
-	return append(env,
+	env = append(env,
 		"CODER_URL="+d.clientURL.String(),
 		"CODER_SESSION_TOKEN="+token,
 		"CODER_CONFIG_DIR="+cfg,
 	)
+	if d.caFile != "" {
+		env = append(env, "SSL_CERT_FILE="+d.caFile, "SSL_CERT_DIR=/nonexistent")
+	}
+	return env
+}
+
+// testCertificate makes a CA (written to dir/ca.pem, returned as a path)
+// and a server certificate it signed for 127.0.0.1 and localhost.
+func testCertificate(t testing.TB, dir string) (string, tls.Certificate) {
+	t.Helper()
+	caKey, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	require.NoError(t, err)
+	ca := &x509.Certificate{
+		SerialNumber:          big.NewInt(1),
+		Subject:               pkix.Name{CommonName: "coder-proxy interop test CA"},
+		NotBefore:             time.Now().Add(-time.Hour),
+		NotAfter:              time.Now().Add(24 * time.Hour),
+		IsCA:                  true,
+		BasicConstraintsValid: true,
+		KeyUsage:              x509.KeyUsageCertSign | x509.KeyUsageDigitalSignature,
+	}
+	caDER, err := x509.CreateCertificate(rand.Reader, ca, ca, &caKey.PublicKey, caKey)
+	require.NoError(t, err)
+	caCert, err := x509.ParseCertificate(caDER)
+	require.NoError(t, err)
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	require.NoError(t, err)
+	leaf := &x509.Certificate{
+		SerialNumber: big.NewInt(2),
+		Subject:      pkix.Name{CommonName: "127.0.0.1"},
+		NotBefore:    time.Now().Add(-time.Hour),
+		NotAfter:     time.Now().Add(24 * time.Hour),
+		KeyUsage:     x509.KeyUsageDigitalSignature,
+		ExtKeyUsage:  []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth},
+		IPAddresses:  []net.IP{net.IPv4(127, 0, 0, 1)},
+		DNSNames:     []string{"localhost"},
+	}
+	leafDER, err := x509.CreateCertificate(rand.Reader, leaf, caCert, &key.PublicKey, caKey)
+	require.NoError(t, err)
+	caFile := filepath.Join(dir, "ca.pem")
+	require.NoError(t, os.WriteFile(caFile, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: caDER}), 0o644))
+	return caFile, tls.Certificate{Certificate: [][]byte{leafDER}, PrivateKey: key}
 }
 
 // fileLogger writes a component's debug log to path (kept for failures).

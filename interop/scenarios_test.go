@@ -154,6 +154,7 @@ func sessionBasics(t *testing.T, d *deployment, k checker) {
 }
 
 // --- Scenario 2: DERP by upgrade and websocket; relay-only and direct ---
+// (and the same over https, coderd's TLS and ALPN in the way).
 
 func TestRelayModes(t *testing.T) {
 	for _, m := range []struct {
@@ -164,6 +165,8 @@ func TestRelayModes(t *testing.T) {
 		{"derp_upgrade_direct_allowed", deployOpts{}},
 		{"derp_websockets_block_direct", deployOpts{blockDirect: true, forceWebsockets: true}},
 		{"derp_websockets_direct_allowed", deployOpts{forceWebsockets: true}},
+		{"https_derp_upgrade", deployOpts{https: true}},
+		{"https_derp_websockets", deployOpts{https: true, forceWebsockets: true}},
 	} {
 		t.Run(m.name, func(t *testing.T) {
 			o := m.o

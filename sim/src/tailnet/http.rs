@@ -64,17 +64,26 @@ fn invalid_param(status: u16, message: &str, field: &str, detail: String) -> Ref
     r
 }
 
-/// Accepts `2.x` with `x` up to [`API_MINOR_MAX`]; coderd defaults a
-/// missing version to `1.0`, which is no longer served.
+/// Accepts `2.x` with `x` up to [`API_MINOR_MAX`], refusing anything else
+/// with coderd's wording (its API version validator): a newer major or
+/// minor is "behind requested ...", an older major "no longer supported"
+/// (coderd defaults a missing version to `1.0`), and a string that is not
+/// `MAJOR.MINOR` of integers "invalid ...".
 fn check_version(v: &str) -> Result<(), Refusal> {
-    let parsed = v
-        .split_once('.')
-        .and_then(|(a, b)| Some((a.parse::<u32>().ok()?, b.parse::<u32>().ok()?)));
-    let detail = match parsed {
-        Some((2, minor)) if minor <= API_MINOR_MAX => return Ok(()),
-        Some((2, _)) => format!("server is at version 2.{API_MINOR_MAX}, behind requested {v}"),
-        Some((major, _)) => format!("unknown major version {major} (server speaks 2)"),
-        None => format!("invalid version {v:?}"),
+    let detail = match v.split('.').collect::<Vec<_>>().as_slice() {
+        [major, minor] => match (major.parse::<u32>(), minor.parse::<u32>()) {
+            (Err(_), _) => format!("invalid major version: {v}"),
+            (_, Err(_)) => format!("invalid minor version: {v}"),
+            (Ok(2), Ok(minor)) if minor <= API_MINOR_MAX => return Ok(()),
+            (Ok(2), Ok(_)) => format!(
+                "server is at version 2.{API_MINOR_MAX}, behind requested minor version {v}"
+            ),
+            (Ok(major), Ok(_)) if major > 2 => format!(
+                "server is at version 2.{API_MINOR_MAX}, behind requested major version {v}"
+            ),
+            (Ok(_), Ok(_)) => format!("version {v} is no longer supported"),
+        },
+        _ => format!("invalid version string: {v}"),
     };
     Err(invalid_param(
         400,
@@ -298,11 +307,27 @@ mod tests {
     #[test]
     fn versions() {
         assert!(check_version("2.0").is_ok());
-        assert!(check_version("2.5").is_ok());
-        for bad in ["1.0", "2.99", "3.0", "two", "2"] {
+        assert!(check_version("2.10").is_ok());
+        // The details real coderd (v2.36.1, tailnet API 2.10) gives.
+        for (bad, detail) in [
+            ("1.0", "version 1.0 is no longer supported"),
+            (
+                "2.99",
+                "server is at version 2.10, behind requested minor version 2.99",
+            ),
+            (
+                "3.0",
+                "server is at version 2.10, behind requested major version 3.0",
+            ),
+            ("two", "invalid version string: two"),
+            ("2", "invalid version string: 2"),
+            ("x.1", "invalid major version: x.1"),
+        ] {
             let r = check_version(bad).unwrap_err();
             assert_eq!(r.status, 400);
+            assert_eq!(r.body.message, "Unknown or unsupported API version");
             assert_eq!(r.body.validations[0].field, "version");
+            assert_eq!(r.body.validations[0].detail, detail);
         }
     }
 }

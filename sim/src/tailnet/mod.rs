@@ -46,8 +46,9 @@ pub const PROXY_REGION_NAME: &str = "coder-sim workspace proxy";
 /// Resume tokens live this long (coderd: 24 h) and should be refreshed
 /// after half of it.
 pub const RESUME_TOKEN_EXPIRY: Duration = Duration::from_secs(24 * 3600);
-/// Newest tailnet API minor version accepted on `/coordinate` (major 2).
-pub const API_MINOR_MAX: u32 = 5;
+/// Newest tailnet API minor version accepted on `/coordinate` (major 2), as
+/// coderd v2.36 serves.
+pub const API_MINOR_MAX: u32 = 10;
 
 /// A coordinate websocket as the fault hooks see it.
 struct CoordConn {

@@ -1,6 +1,6 @@
 package interop
 
-// The peer, side by side: scenarios 1, 4 and 5 with the real Coder CLI
+// The peer, side by side: scenarios 1, 4 and 5 (and leaving) with the real Coder CLI
 // (`coder ssh --stdio`, built from the same module) as the ProxyCommand.
 // The CLI must do the basics (that checks the harness); where it behaves
 // differently from coder-proxy in scenarios 4 and 5 the difference is
@@ -26,4 +26,11 @@ func TestPeerCoderCLIAgentDisconnected(t *testing.T) {
 func TestPeerCoderCLIStop(t *testing.T) {
 	requireCLI(t)
 	workspaceGoesAway(t, coderCLI(), codersdk.WorkspaceTransitionStop, false)
+}
+
+// The CLI ends its coordination gracefully: the expectation coder-proxy is
+// held to in TestAgentForgetsClientAfterSession.
+func TestPeerCoderCLIAgentForgetsClient(t *testing.T) {
+	requireCLI(t)
+	agentForgetsClient(t, coderCLI())
 }

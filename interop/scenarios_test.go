@@ -12,6 +12,7 @@ import (
 	"path/filepath"
 	"strings"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 
@@ -504,6 +505,70 @@ func TestBadInputAgainstRealCoderd(t *testing.T) {
 			require.NotContains(t, errText, "panicked")
 			t.Logf("%s: exit %d: %s", tc.name, code, strings.TrimSpace(errText))
 			appendReport(t, fmt.Sprintf("- bad input %s: exit %d, %q", tc.name, code, strings.TrimSpace(errText)))
+		})
+	}
+}
+
+// --- Leaving: the agent forgets a client that ended its session ----------
+
+// The real CLI ends its coordination with a Disconnect request, so coderd
+// tells the agent the peer left (DISCONNECTED) and the agent drops it from
+// WireGuard at once; a client that just hangs up is reported LOST, and the
+// agent keeps it configured for a quarter of an hour. coder-proxy must leave
+// like the CLI does, whichever way its session ends.
+func TestAgentForgetsClientAfterSession(t *testing.T) {
+	agentForgetsClient(t, coderProxy("tailnet"))
+}
+
+func agentForgetsClient(t *testing.T, c client) {
+	d := newDeployment(t, deployOpts{startAgent: true})
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	// The agent's WireGuard peers (by node key); coderd itself may hold
+	// some, so the test looks at the ones a session adds.
+	peers := func() map[string]bool {
+		out := map[string]bool{}
+		if conn := d.agent.TailnetConn(); conn != nil {
+			for k := range conn.Status().Peer {
+				out[k.String()] = true
+			}
+		}
+		return out
+	}
+	before := peers()
+	added := func() int {
+		n := 0
+		for k := range peers() {
+			if !before[k] {
+				n++
+			}
+		}
+		return n
+	}
+	for _, end := range []struct {
+		name    string
+		command string
+	}{
+		{"remote_exit", "echo bye"},
+		{"ssh_sigterm", "echo up; sleep 600"},
+	} {
+		t.Run(end.name, func(t *testing.T) {
+			d := d.with(t)
+			p := d.ssh(c, nil, nil, end.command)
+			require.True(t, eventually(ctx, time.Minute, 20*time.Millisecond, func() bool {
+				return added() >= 1 || p.exited()
+			}), "the agent never saw the client; stderr:\n%s", p.stderr.String())
+			if end.name == "ssh_sigterm" {
+				require.True(t, eventually(ctx, time.Minute, 20*time.Millisecond, func() bool {
+					return strings.Contains(p.stdout.String(), "up")
+				}), "the session did not come up; stderr:\n%s", p.stderr.String())
+				require.NoError(t, p.cmd.Process.Signal(syscall.SIGTERM))
+			}
+			p.wait(time.Minute)
+			left := time.Now()
+			gone := eventually(ctx, 15*time.Second, 50*time.Millisecond, func() bool { return added() == 0 })
+			require.True(t, gone, "the agent still has the client as a peer 15s after the session ended; coder-proxy's stderr:\n%s", p.stderr.String())
+			t.Logf("the agent dropped the client %.2fs after ssh exited", time.Since(left).Seconds())
 		})
 	}
 }

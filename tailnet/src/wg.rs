@@ -96,13 +96,26 @@ pub struct Handle {
     pub dead: watch::Receiver<Option<String>>,
     /// Feed inbound WireGuard datagrams here.
     pub inbound: mpsc::Sender<Vec<u8>>,
+    commands: mpsc::UnboundedSender<Command>,
     task: tokio::task::JoinHandle<()>,
+}
+
+/// What the owner of a [`Handle`] can ask of its running engine.
+enum Command {
+    /// Abort every TCP connection (RST to the peer).
+    Reset,
 }
 
 impl Handle {
     /// Stop the engine and close its streams.
     pub fn abort(&self) {
         self.task.abort();
+    }
+
+    /// Resets (RST) every TCP connection of the engine; each app stream
+    /// then reads EOF. The engine keeps running in the Listen role.
+    pub fn reset_connections(&self) {
+        let _ = self.commands.send(Command::Reset);
     }
 }
 
@@ -117,9 +130,10 @@ pub fn spawn(cfg: Config, outbound: mpsc::Sender<Vec<u8>>) -> Handle {
     let (in_tx, in_rx) = mpsc::channel(256);
     let (streams_tx, streams_rx) = mpsc::channel(16);
     let (dead_tx, dead_rx) = watch::channel(None);
+    let (cmd_tx, cmd_rx) = mpsc::unbounded_channel();
     let task = tokio::spawn(async move {
         let stop = match Engine::new(cfg, outbound, streams_tx) {
-            Ok(mut e) => e.run(in_rx).await,
+            Ok(mut e) => e.run(in_rx, cmd_rx).await,
             Err(e) => Stop::Failed(e),
         };
         match stop {
@@ -136,6 +150,7 @@ pub fn spawn(cfg: Config, outbound: mpsc::Sender<Vec<u8>>) -> Handle {
         streams: streams_rx,
         dead: dead_rx,
         inbound: in_tx,
+        commands: cmd_tx,
         task,
     }
 }
@@ -381,7 +396,11 @@ impl Engine {
     }
 
     /// Run until the data path dies or the caller goes away.
-    async fn run(&mut self, mut inbound: mpsc::Receiver<Vec<u8>>) -> Stop {
+    async fn run(
+        &mut self,
+        mut inbound: mpsc::Receiver<Vec<u8>>,
+        mut commands: mpsc::UnboundedReceiver<Command>,
+    ) -> Stop {
         let mut timers = tokio::time::interval(TIMER_TICK);
         timers.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         // A first handshake right away (Connect) so the path comes up fast.
@@ -415,6 +434,13 @@ impl Engine {
                         }
                     }
                     None => return "the packet transport closed".into(),
+                },
+                Some(cmd) = commands.recv() => match cmd {
+                    Command::Reset => {
+                        for c in &self.conns {
+                            self.sockets.get_mut::<tcp::Socket>(c.handle).abort();
+                        }
+                    }
                 },
                 _ = wake.notified() => {}
                 _ = tokio::time::sleep(delay) => {}

@@ -227,6 +227,17 @@ impl AgentPeer {
         self.inner.live.load(Ordering::SeqCst)
     }
 
+    /// Resets (RST) every TCP connection inside the agent's tunnels, as an
+    /// agent whose TCP stack aborts them would. Returns how many engines
+    /// were told to.
+    pub fn reset_streams(&self) -> usize {
+        let engines = lock(&self.inner.engines);
+        for e in engines.values() {
+            e.handle.reset_connections();
+        }
+        engines.len()
+    }
+
     /// Client keys with an engine.
     pub fn engine_keys(&self) -> Vec<NodePublic> {
         lock(&self.inner.engines).keys().copied().collect()

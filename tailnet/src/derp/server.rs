@@ -242,8 +242,11 @@ impl DerpServer {
             };
             w.write_all(&frame.encode()).await?;
             w.flush().await?;
-            self.serve(id, key, reader, &mut w, rx, &close, &freeze)
-                .await
+            let signals = ConnSignals {
+                close: &close,
+                freeze: &freeze,
+            };
+            self.serve(id, key, reader, &mut w, rx, signals).await
         }
         .await;
         self.unregister(id, key);
@@ -271,8 +274,7 @@ impl DerpServer {
         mut reader: FrameReader<R>,
         w: &mut WriteHalf<W>,
         mut rx: mpsc::Receiver<Vec<u8>>,
-        close: &Notify,
-        freeze: &Notify,
+        ConnSignals { close, freeze }: ConnSignals<'_>,
     ) -> Result<(), DerpError>
     where
         R: AsyncRead + Unpin,
@@ -615,6 +617,12 @@ impl DerpServer {
         }
         st.conns.len()
     }
+}
+
+/// What the fault hooks use to reach one connection's task.
+struct ConnSignals<'a> {
+    close: &'a Notify,
+    freeze: &'a Notify,
 }
 
 /// A poisoned lock only means another connection task panicked; the data

@@ -578,7 +578,7 @@ struct SplitUpload {
     want: String,
     halfway: Option<tokio::sync::oneshot::Receiver<()>>,
     go: Option<tokio::sync::oneshot::Sender<()>>,
-    writer: tokio::task::JoinHandle<()>,
+    writer: tokio::task::JoinHandle<std::io::Result<()>>,
 }
 
 impl SplitUpload {
@@ -597,11 +597,11 @@ impl SplitUpload {
         let (half_tx, half_rx) = tokio::sync::oneshot::channel();
         let (go_tx, go_rx) = tokio::sync::oneshot::channel::<()>();
         let writer = tokio::spawn(async move {
-            stdin.write_all(&a).await.unwrap();
-            stdin.flush().await.unwrap();
+            stdin.write_all(&a).await?;
+            stdin.flush().await?;
             let _ = half_tx.send(());
             let _ = go_rx.await;
-            stdin.write_all(&b).await.unwrap();
+            stdin.write_all(&b).await
             // Dropping stdin ends the upload.
         });
         SplitUpload {
@@ -620,7 +620,7 @@ impl SplitUpload {
             tokio::time::timeout(Duration::from_secs(60), h)
                 .await
                 .expect("first half not written within 60s")
-                .unwrap();
+                .expect("the writer failed before halfway");
         }
         assert!(
             eventually(Duration::from_secs(30), || env
@@ -657,7 +657,12 @@ impl SplitUpload {
             Ok(s) => s,
             Err(_) => panic!("ssh did not finish within {limit:?}; stderr so far:\n{e}"),
         };
-        self.writer.await.unwrap();
+        let wrote = self.writer.await.unwrap();
+        assert!(
+            wrote.is_ok(),
+            "ssh stopped reading its stdin ({wrote:?}), exit {:?}:\n{e}",
+            status.code()
+        );
         let got = o.trim().to_string();
         assert_eq!(got, self.want, "bytes lost or corrupted:\n{e}");
         (got, e, status.code())
@@ -667,10 +672,12 @@ impl SplitUpload {
     async fn abandon(mut self) -> String {
         let _ = self.child.start_kill();
         let mut err = self.child.stderr.take().unwrap();
-        let mut e = String::new();
-        let _ = tokio::time::timeout(Duration::from_secs(5), err.read_to_string(&mut e)).await;
+        // read_to_end keeps what it read if the timeout cuts it short (the
+        // shim may hold the pipe open a little longer than ssh).
+        let mut e = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(5), err.read_to_end(&mut e)).await;
         self.writer.abort();
-        e
+        text(&e)
     }
 }
 
@@ -878,7 +885,10 @@ async fn tailnet_reset_by_the_agent_exits_1_with_one_line() {
             .read_to_string(&mut err)
             .await
             .unwrap();
-        eprintln!("tailnet reset round {round}: exit {:?} after {took:?}", status.code());
+        eprintln!(
+            "tailnet reset round {round}: exit {:?} after {took:?}",
+            status.code()
+        );
         assert_eq!(status.code(), Some(1), "round {round}: {err}");
         assert_eq!(err.trim_end().lines().count(), 1, "round {round}: {err}");
         assert!(err.contains("the connection to the agent broke"), "{err}");
@@ -944,7 +954,10 @@ async fn tailnet_signal_mid_session_closes_the_in_tunnel_connection_at_the_agent
             "coder-proxy {pid} still alive after SIG{sig}"
         );
         let exited = t.elapsed();
-        assert!(exited < Duration::from_secs(1), "SIG{sig}: exit took {exited:?}");
+        assert!(
+            exited < Duration::from_secs(1),
+            "SIG{sig}: exit took {exited:?}"
+        );
         let closed = eventually(Duration::from_secs(5), || {
             env.sim.tailnet_streams("dev", "dev") == 0
         })

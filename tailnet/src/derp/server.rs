@@ -227,6 +227,13 @@ impl DerpServer {
         let freeze = Arc::new(Notify::new());
         let id = inner.next_conn.fetch_add(1, Ordering::Relaxed);
         self.register(id, key, tx, close.clone(), freeze.clone());
+        // Unregisters however this future ends, cancellation included (a
+        // task serving it may be aborted).
+        let _registered = Registered {
+            server: self,
+            id,
+            key,
+        };
 
         let result = async {
             let si = ServerInfo {
@@ -249,7 +256,7 @@ impl DerpServer {
             self.serve(id, key, reader, &mut w, rx, signals).await
         }
         .await;
-        self.unregister(id, key);
+        drop(_registered);
         let _ = w.shutdown().await;
         result
     }
@@ -616,6 +623,19 @@ impl DerpServer {
             c.close.notify_one();
         }
         st.conns.len()
+    }
+}
+
+/// Removes a connection from the registry when dropped.
+struct Registered<'a> {
+    server: &'a DerpServer,
+    id: u64,
+    key: NodePublic,
+}
+
+impl Drop for Registered<'_> {
+    fn drop(&mut self) {
+        self.server.unregister(self.id, self.key);
     }
 }
 

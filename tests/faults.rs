@@ -5,6 +5,12 @@
 //!
 //! Row 10 (a five-minute idle session with the agent flapping) is
 //! `#[ignore]`d; run it with `cargo test --test faults -- --ignored`.
+//!
+//! The tailnet relay rows (`tailnet_*`, in their own block at the end) run
+//! by default; the paused-shim row waits out a 3-minute SIGSTOP on almost
+//! no CPU. Locally `CODER_PROXY_PAUSE_SECS` and `CODER_PROXY_REFUSE_SECS`
+//! shorten the pause and the refusal (keep the pause above 120 s to cover
+//! the dead-path bound).
 
 mod common;
 

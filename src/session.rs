@@ -5,6 +5,13 @@
 //! side ends it, the workspace is stopped (or deleted, or a new start build
 //! replaces the one we connected to), or a signal arrives. Agent status,
 //! lifecycle, API errors and watch drops are logged and otherwise ignored.
+//!
+//! Over tailnet the stream is in-process, so two things `tcp://` gets from
+//! the kernel are done here: a reset from the agent reads as EOF, so at EOF
+//! the tunnel's death reason decides between an end and a break; and on a
+//! signal (or when our side ends the stream) the tunnel is closed towards
+//! the agent — a FIN, or a RST — before the process exits, so the agent's
+//! SSH server does not linger.
 
 use std::time::Duration;
 
@@ -20,6 +27,8 @@ use crate::tunnel::AgentStream;
 
 /// Usage heartbeat period (as `coder ssh`).
 pub const USAGE_EVERY: Duration = Duration::from_secs(60);
+
+type DeadReason = tokio::sync::watch::Receiver<Option<String>>;
 
 /// Why the session ended.
 #[derive(Debug, PartialEq, Eq)]
@@ -76,22 +85,41 @@ pub fn close_reason(connected_build: &str, ws: &Workspace) -> Option<String> {
 impl Session {
     /// Pump `stream` until the session closes; returns why.
     pub async fn run(mut self, stdio: pipe::Stdio, stream: AgentStream) -> Closed {
-        let (tx, mut done) = mpsc::unbounded_channel();
-        // Why a tailnet data path died, if it does.
+        let (tx, done) = mpsc::unbounded_channel();
+        // Why a tailnet data path died, if it does; and its controller.
         let mut tunnel_dead = None;
+        let mut control = None;
         let started = match stream {
             AgentStream::Tcp(s) => s.into_std().and_then(|s| pipe::start(stdio, s, tx)),
             AgentStream::Tailnet(tunnel) => {
                 // The pump drives kernel sockets; bridge the in-process
                 // stream to one end of a socketpair.
-                tunnel_dead = Some(tunnel.dead.clone());
-                bridge_tunnel(tunnel).and_then(|s| pipe::start(stdio, s, tx))
+                tunnel_dead = Some(tunnel.dead);
+                control = Some(tunnel.control);
+                bridge_tunnel(tunnel.stream).and_then(|s| pipe::start(stdio, s, tx))
             }
         };
         if let Err(e) = started {
             return Closed::StreamBroken(format!("cannot start the pump: {e}"));
         }
+        let closed = self.until_closed(done, tunnel_dead).await;
+        if let Some(c) = control {
+            match closed {
+                // Our side is done with a stream the agent still holds
+                // open (or a signal is ending us): say so before exiting.
+                Closed::Signal(_) | Closed::StreamEnded => c.close().await,
+                // The agent is gone or going, or the tunnel already broke.
+                Closed::Workspace(_) | Closed::StreamBroken(_) => drop(c),
+            }
+        }
+        closed
+    }
 
+    async fn until_closed(
+        &mut self,
+        mut done: mpsc::UnboundedReceiver<End>,
+        mut tunnel_dead: Option<DeadReason>,
+    ) -> Closed {
         if let Some(app) = self.usage_app {
             let client = self.client.clone();
             let ws = self.workspace.id.clone();
@@ -151,28 +179,41 @@ impl Session {
                 }
             }
             tokio::select! {
-                end = done.recv() => {
-                    return match end {
-                        Some(End::RemoteClosed) | Some(End::StdoutClosed) | None => Closed::StreamEnded,
-                        Some(End::RemoteError(e)) => Closed::StreamBroken(format!("the connection to the agent broke: {e}")),
-                    };
-                }
+                end = done.recv() => return ended(end, &tunnel_dead),
                 changed = self.watch.changed() => {
                     if changed.is_err() {
                         // The watcher never ends on its own; keep the stream regardless.
                         log::warn!("watch task ended; the session continues without watch-and-close");
-                        return wait_without_watch(&mut done, &mut sigs).await;
+                        return wait_without_watch(&mut done, &mut sigs, &mut tunnel_dead).await;
                     }
                 }
                 n = sigs.recv() => return Closed::Signal(n),
-                reason = tunnel_died(&mut tunnel_dead) => return Closed::StreamBroken(reason),
+                reason = tunnel_died(&mut tunnel_dead) => return broke(reason),
             }
         }
     }
 }
 
+fn broke(reason: impl std::fmt::Display) -> Closed {
+    Closed::StreamBroken(format!("the connection to the agent broke: {reason}"))
+}
+
+/// Why the pump ended, as a session end. Over tailnet a reset from the
+/// agent reaches the pump as EOF; the tunnel publishes the reset before
+/// that EOF can be read, so it is known here.
+fn ended(end: Option<End>, tunnel_dead: &Option<DeadReason>) -> Closed {
+    match end {
+        Some(End::RemoteError(e)) => broke(e),
+        Some(End::RemoteClosed) => match tunnel_dead.as_ref().and_then(|d| d.borrow().clone()) {
+            Some(reason) => broke(reason),
+            None => Closed::StreamEnded,
+        },
+        Some(End::StdoutClosed) | None => Closed::StreamEnded,
+    }
+}
+
 /// Resolves with the reason once a tailnet data path dies; never otherwise.
-async fn tunnel_died(dead: &mut Option<tokio::sync::watch::Receiver<Option<String>>>) -> String {
+async fn tunnel_died(dead: &mut Option<DeadReason>) -> String {
     match dead {
         Some(d) => match d.wait_for(|r| r.is_some()).await {
             Ok(r) => r.clone().unwrap_or_default(),
@@ -184,30 +225,29 @@ async fn tunnel_died(dead: &mut Option<tokio::sync::watch::Receiver<Option<Strin
 
 /// Connect a tailnet tunnel's stream to a socketpair; return our end.
 fn bridge_tunnel(
-    tunnel: coder_tailnet::client::Tunnel,
+    mut stream: tokio::io::DuplexStream,
 ) -> std::io::Result<std::os::unix::net::UnixStream> {
     let (ours, theirs) = std::os::unix::net::UnixStream::pair()?;
     theirs.set_nonblocking(true)?;
     let mut theirs = tokio::net::UnixStream::from_std(theirs)?;
     tokio::spawn(async move {
-        let mut tunnel = tunnel;
-        match tokio::io::copy_bidirectional(&mut theirs, &mut tunnel.stream).await {
+        match tokio::io::copy_bidirectional(&mut theirs, &mut stream).await {
             Ok((up, down)) => log::debug!("tailnet bridge done: {up} bytes up, {down} down"),
             Err(e) => log::debug!("tailnet bridge ended: {e}"),
         }
-        // Keep the tunnel (and its controller) alive until the copy ends.
-        drop(tunnel);
     });
     Ok(ours)
 }
 
-async fn wait_without_watch(done: &mut mpsc::UnboundedReceiver<End>, sigs: &mut Signals) -> Closed {
+async fn wait_without_watch(
+    done: &mut mpsc::UnboundedReceiver<End>,
+    sigs: &mut Signals,
+    tunnel_dead: &mut Option<DeadReason>,
+) -> Closed {
     tokio::select! {
-        end = done.recv() => match end {
-            Some(End::RemoteError(e)) => Closed::StreamBroken(format!("the connection to the agent broke: {e}")),
-            _ => Closed::StreamEnded,
-        },
+        end = done.recv() => ended(end, tunnel_dead),
         n = sigs.recv() => Closed::Signal(n),
+        reason = tunnel_died(tunnel_dead) => broke(reason),
     }
 }
 

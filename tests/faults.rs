@@ -5,6 +5,12 @@
 //!
 //! Row 10 (a five-minute idle session with the agent flapping) is
 //! `#[ignore]`d; run it with `cargo test --test faults -- --ignored`.
+//!
+//! The tailnet relay rows (`tailnet_*`, in their own block at the end) run
+//! by default; the paused-shim row waits out a 3-minute SIGSTOP on almost
+//! no CPU. Locally `CODER_PROXY_PAUSE_SECS` and `CODER_PROXY_REFUSE_SECS`
+//! shorten the pause and the refusal (keep the pause above 120 s to cover
+//! the dead-path bound).
 
 mod common;
 
@@ -545,4 +551,432 @@ async fn row10_idle_five_minutes_with_flapping() {
         .unwrap();
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert_eq!(text(&out.stdout), "got:still-here\n");
+}
+
+// ===========================================================================
+// Tailnet relay faults: the DERP relay connection dies silently, refuses
+// redials, or the shim is paused; a reset or a signal ends the session the
+// way `tcp://` does. Real `ssh` through `coder-proxy --tunnel tailnet` to
+// coder-sim; sha256 on both ends.
+// ===========================================================================
+
+/// `ssh` through coder-proxy over tailnet (the stock DERP map of the sim).
+fn tailnet_ssh(env: &Env, extra: &str) -> tokio::process::Command {
+    let mut c = tokio::process::Command::new("ssh");
+    c.args(ssh_opts())
+        .arg("-o")
+        .arg(format!(
+            "ProxyCommand={PROXY} --global-config {} --tunnel tailnet {extra} %h",
+            env.config_dir().display()
+        ))
+        .arg("dev.coder")
+        .env_remove("CODER_SESSION_TOKEN")
+        .env_remove("CODER_URL")
+        .kill_on_drop(true);
+    c
+}
+
+/// An upload through `ssh dev.coder sha256sum` in two halves: the first
+/// half goes through, then the test injects its fault (the stream is open
+/// and between chunks), then the second half follows into the fault.
+struct SplitUpload {
+    child: tokio::process::Child,
+    want: String,
+    halfway: Option<tokio::sync::oneshot::Receiver<()>>,
+    go: Option<tokio::sync::oneshot::Sender<()>>,
+    writer: tokio::task::JoinHandle<std::io::Result<()>>,
+}
+
+impl SplitUpload {
+    async fn start(env: &Env, half: usize, seed: u32) -> SplitUpload {
+        let mut cmd = tailnet_ssh(env, "-v");
+        cmd.arg("sha256sum | cut -d' ' -f1")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = cmd.spawn().unwrap();
+        let mut stdin = child.stdin.take().unwrap();
+        let (a, b) = (payload(half, seed), payload(half, seed + 1));
+        let mut all = a.clone();
+        all.extend_from_slice(&b);
+        let want = sha256(&all);
+        let (half_tx, half_rx) = tokio::sync::oneshot::channel();
+        let (go_tx, go_rx) = tokio::sync::oneshot::channel::<()>();
+        let writer = tokio::spawn(async move {
+            stdin.write_all(&a).await?;
+            stdin.flush().await?;
+            let _ = half_tx.send(());
+            let _ = go_rx.await;
+            stdin.write_all(&b).await
+            // Dropping stdin ends the upload.
+        });
+        SplitUpload {
+            child,
+            want,
+            halfway: Some(half_rx),
+            go: Some(go_tx),
+            writer,
+        }
+    }
+
+    /// Waits until the first half is written and the session's stream is
+    /// bridged at the agent.
+    async fn at_halfway(&mut self, env: &Env) {
+        if let Some(h) = self.halfway.take() {
+            tokio::time::timeout(Duration::from_secs(60), h)
+                .await
+                .expect("first half not written within 60s")
+                .expect("the writer failed before halfway");
+        }
+        assert!(
+            eventually(Duration::from_secs(30), || env
+                .sim
+                .tailnet_streams("dev", "dev")
+                == 1)
+            .await,
+            "no tailnet stream at the agent"
+        );
+    }
+
+    /// Lets the second half go.
+    fn resume(&mut self) {
+        if let Some(g) = self.go.take() {
+            let _ = g.send(());
+        }
+    }
+
+    /// Waits for the end; returns (remote digest, stderr, exit code) after
+    /// checking the digest against what was sent.
+    async fn finish(mut self, limit: Duration) -> (String, String, Option<i32>) {
+        self.resume();
+        let mut out = self.child.stdout.take().unwrap();
+        let mut err = self.child.stderr.take().unwrap();
+        let (mut o, mut e) = (String::new(), String::new());
+        let res = tokio::time::timeout(limit, async {
+            let (a, b) = tokio::join!(out.read_to_string(&mut o), err.read_to_string(&mut e));
+            a.unwrap();
+            b.unwrap();
+            self.child.wait().await.unwrap()
+        })
+        .await;
+        let status = match res {
+            Ok(s) => s,
+            Err(_) => panic!("ssh did not finish within {limit:?}; stderr so far:\n{e}"),
+        };
+        let wrote = self.writer.await.unwrap();
+        assert!(
+            wrote.is_ok(),
+            "ssh stopped reading its stdin ({wrote:?}), exit {:?}:\n{e}",
+            status.code()
+        );
+        let got = o.trim().to_string();
+        assert_eq!(got, self.want, "bytes lost or corrupted:\n{e}");
+        (got, e, status.code())
+    }
+
+    /// Ends a failed test: kills ssh and returns its stderr so far.
+    async fn abandon(mut self) -> String {
+        let _ = self.child.start_kill();
+        let mut err = self.child.stderr.take().unwrap();
+        // read_to_end keeps what it read if the timeout cuts it short (the
+        // shim may hold the pipe open a little longer than ssh).
+        let mut e = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(5), err.read_to_end(&mut e)).await;
+        self.writer.abort();
+        text(&e)
+    }
+}
+
+/// The one relay connection key of the agent's tailnet client.
+fn client_key(env: &Env) -> coder_tailnet::derp::NodePublic {
+    let keys = env.sim.tailnet_client_keys("dev", "dev");
+    assert_eq!(keys.len(), 1, "want one tailnet client: {keys:?}");
+    keys[0]
+}
+
+async fn silently_dead_relay_case(force_websockets: bool) {
+    let env = Env::new(vec![WorkspaceSpec::new("dev")]).await;
+    env.sim.set_derp_force_websockets(force_websockets);
+    let mut up = SplitUpload::start(&env, 8 * MIB, 21).await;
+    up.at_halfway(&env).await;
+    let key = client_key(&env);
+    let relay = env.sim.derp_server();
+    let before = relay.active_conn(&key).expect("client not on the relay");
+    assert_eq!(env.sim.freeze_client_derp("dev", "dev"), 1);
+    let silent_at = Instant::now();
+    up.resume();
+    let redialed = eventually(Duration::from_secs(40), || {
+        relay.active_conn(&key).is_some_and(|c| c != before)
+    })
+    .await;
+    let took = silent_at.elapsed();
+    eprintln!(
+        "tailnet relay fault (websockets: {force_websockets}): relay silent -> new relay connection in {took:?}"
+    );
+    if !redialed {
+        let err = up.abandon().await;
+        panic!("no new relay connection within {took:?}:\n{err}");
+    }
+    assert!(took <= Duration::from_secs(30), "redial took {took:?}");
+    let (_, err, code) = up.finish(LIMIT).await;
+    assert_eq!(code, Some(0), "{err}");
+    assert!(err.contains("DERP region 999 down"), "{err}");
+}
+
+/// Row T1: the relay connection goes silently dead mid-transfer (open, no
+/// FIN/RST, nothing read or written): the shim notices within 30 s,
+/// redials, and the transfer completes with nothing lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tailnet_silently_dead_relay_mid_transfer_is_redialed_and_loses_nothing() {
+    if !have_openssh() {
+        return;
+    }
+    silently_dead_relay_case(false).await;
+}
+
+/// Row T1 with the relay reached over a websocket (`derp_force_websockets`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tailnet_silently_dead_websocket_relay_mid_transfer_is_redialed_and_loses_nothing() {
+    if !have_openssh() {
+        return;
+    }
+    silently_dead_relay_case(true).await;
+}
+
+/// Row T2: the live relay connection is killed and the relay refuses every
+/// new connection for a minute (less than WireGuard's 120 s dead-path
+/// bound): the stream survives, redials back off (a few at first, then at
+/// most ~8 s apart, never a storm), the shim is back within seconds of
+/// the relay accepting again, and the transfer completes intact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tailnet_relay_refusing_redials_for_a_minute_backs_off_and_the_stream_survives() {
+    if !have_openssh() {
+        return;
+    }
+    let refuse: u64 = std::env::var("CODER_PROXY_REFUSE_SECS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(60);
+    let refuse = Duration::from_secs(refuse);
+    let env = Env::new(vec![WorkspaceSpec::new("dev")]).await;
+    let mut up = SplitUpload::start(&env, 8 * MIB, 31).await;
+    up.at_halfway(&env).await;
+    let key = client_key(&env);
+    let relay = env.sim.derp_server();
+    let before = relay.active_conn(&key).expect("client not on the relay");
+    env.sim.refuse_derp_for(refuse);
+    let down_at = Instant::now();
+    assert_eq!(env.sim.drop_client_derp("dev", "dev"), 1);
+    up.resume();
+    let accept_at = down_at + refuse;
+    let back = eventually(refuse + Duration::from_secs(20), || {
+        relay.active_conn(&key).is_some_and(|c| c != before)
+    })
+    .await;
+    let after_accept = Instant::now().saturating_duration_since(accept_at);
+    let attempts: Vec<Instant> = relay
+        .refused_at()
+        .into_iter()
+        .map(tokio::time::Instant::into_std)
+        .filter(|t| *t >= down_at)
+        .collect();
+    let gaps: Vec<Duration> = attempts.windows(2).map(|w| w[1] - w[0]).collect();
+    eprintln!(
+        "tailnet relay fault: {} refused redials in {refuse:?}, gaps {gaps:?}; back {after_accept:?} after the relay accepted again",
+        attempts.len()
+    );
+    if !back {
+        let err = up.abandon().await;
+        panic!("never reconnected to the relay:\n{err}");
+    }
+    assert!(
+        after_accept <= Duration::from_secs(10),
+        "reconnected {after_accept:?} after the relay accepted again"
+    );
+    assert!(attempts.len() >= 3, "only {} redials", attempts.len());
+    let storm = 4 + refuse.as_secs() as usize / 3;
+    assert!(
+        attempts.len() <= storm,
+        "{} redials in {refuse:?}: no backoff",
+        attempts.len()
+    );
+    let widest = gaps.iter().max().copied().unwrap_or_default();
+    assert!(
+        widest <= Duration::from_secs(10),
+        "redials {widest:?} apart"
+    );
+    let (_, err, code) = up.finish(LIMIT).await;
+    assert_eq!(code, Some(0), "{err}");
+}
+
+/// Row T3: the shim is stopped (SIGSTOP, as a closed laptop lid does) for
+/// three minutes mid-transfer — longer than the 120 s dead-path bound —
+/// then continued: the session recovers (relay, WireGuard) and the
+/// transfer started before the pause completes intact. Takes > 3 min of
+/// wall time but next to no CPU.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tailnet_shim_paused_three_minutes_mid_transfer_recovers_and_loses_nothing() {
+    if !have_openssh() {
+        return;
+    }
+    let pause: u64 = std::env::var("CODER_PROXY_PAUSE_SECS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(180);
+    let env = Env::new(vec![WorkspaceSpec::new("dev")]).await;
+    let mut up = SplitUpload::start(&env, 8 * MIB, 41).await;
+    up.at_halfway(&env).await;
+    let ssh_pid = up.child.id().unwrap();
+    let pid = child_pid_named(ssh_pid, "coder-proxy").expect("no coder-proxy under ssh");
+    let signal = |sig: &str| {
+        let ok = std::process::Command::new("kill")
+            .arg(format!("-{sig}"))
+            .arg(pid.to_string())
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "kill -{sig} {pid}");
+    };
+    signal("STOP");
+    up.resume();
+    tokio::time::sleep(Duration::from_secs(pause)).await;
+    signal("CONT");
+    let woke = Instant::now();
+    let (_, err, code) = up.finish(Duration::from_secs(120)).await;
+    eprintln!(
+        "tailnet pause fault: {pause}s pause; transfer done {:?} after SIGCONT",
+        woke.elapsed()
+    );
+    assert_eq!(code, Some(0), "{err}");
+}
+
+/// A bare coder-proxy over tailnet (no ssh), for the ending rows.
+fn tailnet_proxy(env: &Env) -> tokio::process::Command {
+    let mut c = tokio::process::Command::new(PROXY);
+    c.arg("--global-config")
+        .arg(env.config_dir())
+        .args(["--tunnel", "tailnet", "dev.coder"])
+        .env_remove("CODER_SESSION_TOKEN")
+        .env_remove("CODER_URL")
+        .kill_on_drop(true);
+    c
+}
+
+/// Row T4: the agent's side resets the in-tunnel TCP connection: reported
+/// like `tcp://` does (row 5) — exit 1 at once, one line on stderr.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tailnet_reset_by_the_agent_exits_1_with_one_line() {
+    let env = Env::new(vec![WorkspaceSpec::new("dev")]).await;
+    for round in 0..3 {
+        let (mut child, _stdin) = spawn_until_banner(tailnet_proxy(&env)).await;
+        assert!(
+            eventually(Duration::from_secs(10), || env
+                .sim
+                .tailnet_streams("dev", "dev")
+                == 1)
+            .await
+        );
+        assert!(env.sim.reset_tailnet_streams("dev", "dev") >= 1);
+        let t = Instant::now();
+        let status = tokio::time::timeout(Duration::from_secs(5), child.wait())
+            .await
+            .expect("still running after the reset")
+            .unwrap();
+        let took = t.elapsed();
+        let mut err = String::new();
+        child
+            .stderr
+            .take()
+            .unwrap()
+            .read_to_string(&mut err)
+            .await
+            .unwrap();
+        eprintln!(
+            "tailnet reset round {round}: exit {:?} after {took:?}",
+            status.code()
+        );
+        assert_eq!(status.code(), Some(1), "round {round}: {err}");
+        assert_eq!(err.trim_end().lines().count(), 1, "round {round}: {err}");
+        assert!(err.contains("the connection to the agent broke"), "{err}");
+        assert!(took < Duration::from_secs(1), "exit took {took:?}");
+        assert!(
+            eventually(Duration::from_secs(10), || env
+                .sim
+                .tailnet_streams("dev", "dev")
+                == 0)
+            .await
+        );
+    }
+}
+
+/// Row T5: SIGTERM (and SIGHUP, SIGINT) mid-session over tailnet: the shim
+/// closes its in-tunnel connection towards the agent before it exits, so
+/// the agent's side of the stream ends (FIN or RST) instead of lingering.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tailnet_signal_mid_session_closes_the_in_tunnel_connection_at_the_agent() {
+    if !have_openssh() {
+        return;
+    }
+    let env = Env::new(vec![WorkspaceSpec::new("dev")]).await;
+    for sig in ["TERM", "HUP", "INT"] {
+        let mut cmd = tailnet_ssh(&env, "");
+        cmd.arg("cat > /dev/null")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        let mut child = cmd.spawn().unwrap();
+        let mut stdin = child.stdin.take().unwrap();
+        let writer = tokio::spawn(async move {
+            let chunk = vec![0x5au8; 64 * 1024];
+            while stdin.write_all(&chunk).await.is_ok() {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        });
+        let ssh_pid = child.id().unwrap();
+        let mut proxy_pid = None;
+        assert!(
+            eventually(Duration::from_secs(30), || {
+                proxy_pid = child_pid_named(ssh_pid, "coder-proxy");
+                proxy_pid.is_some() && env.sim.tailnet_streams("dev", "dev") == 1
+            })
+            .await,
+            "SIG{sig}: no session"
+        );
+        let pid = proxy_pid.unwrap();
+        std::process::Command::new("kill")
+            .arg(format!("-{sig}"))
+            .arg(pid.to_string())
+            .status()
+            .unwrap();
+        let t = Instant::now();
+        assert!(
+            eventually(Duration::from_secs(5), || !std::path::Path::new(&format!(
+                "/proc/{pid}"
+            ))
+            .exists()
+                || std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                    .is_ok_and(|s| s.contains(") Z ")))
+            .await,
+            "coder-proxy {pid} still alive after SIG{sig}"
+        );
+        let exited = t.elapsed();
+        assert!(
+            exited < Duration::from_secs(1),
+            "SIG{sig}: exit took {exited:?}"
+        );
+        let closed = eventually(Duration::from_secs(5), || {
+            env.sim.tailnet_streams("dev", "dev") == 0
+        })
+        .await;
+        eprintln!(
+            "tailnet SIG{sig}: shim gone in {exited:?}; agent stream closed: {closed} ({:?})",
+            t.elapsed()
+        );
+        assert!(
+            closed,
+            "SIG{sig}: the agent's in-tunnel connection still open 5s after the shim exited"
+        );
+        let _ = tokio::time::timeout(Duration::from_secs(10), child.wait()).await;
+        writer.abort();
+    }
 }

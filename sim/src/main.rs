@@ -37,7 +37,8 @@ enum Cmd {
     /// `fault none|hang|nonjson|CODE`, `cut-watch`, `kill WS AGENT`;
     /// tailnet: `drop-coordinate`, `restart-derp`,
     /// `peer-update WS AGENT lost|disconnected`, `rfh-delay MS|never`,
-    /// `force-websockets on|off`.
+    /// `force-websockets on|off`, `freeze-derp WS AGENT`, `drop-derp WS AGENT`,
+    /// `refuse-derp SECS`, `reset-tailnet WS AGENT`.
     Serve(ServeArgs),
     /// Run the README demo: ssh through coder-proxy into a simulated workspace.
     Demo {
@@ -229,6 +230,26 @@ fn control(sim: &Sim, line: &str) -> anyhow::Result<Option<String>> {
         ["restart-derp"] => {
             let n = sim.restart_derp();
             return Ok(Some(format!("{n} DERP connection(s) dropped")));
+        }
+        ["freeze-derp", ws, agent] => {
+            known(ws)?;
+            let n = sim.freeze_client_derp(ws, agent);
+            return Ok(Some(format!("{n} client DERP connection(s) frozen")));
+        }
+        ["drop-derp", ws, agent] => {
+            known(ws)?;
+            let n = sim.drop_client_derp(ws, agent);
+            return Ok(Some(format!("{n} client DERP connection(s) dropped")));
+        }
+        ["refuse-derp", secs] => {
+            let secs: u64 = secs.parse().context("want seconds")?;
+            sim.refuse_derp_for(Duration::from_secs(secs));
+            return Ok(Some(format!("refusing DERP connections for {secs}s")));
+        }
+        ["reset-tailnet", ws, agent] => {
+            known(ws)?;
+            let n = sim.reset_tailnet_streams(ws, agent);
+            return Ok(Some(format!("{n} tailnet engine(s) reset")));
         }
         ["peer-update", ws, agent, kind] => {
             known(ws)?;

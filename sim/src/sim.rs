@@ -474,6 +474,49 @@ impl Sim {
         self.shared.tailnet.restart_derp()
     }
 
+    /// Node keys of the agent's connected tailnet clients (as their
+    /// `update_self` announced them).
+    pub fn tailnet_client_keys(&self, ws: &str, agent: &str) -> Vec<NodePublic> {
+        self.tailnet_clients(ws, agent)
+            .into_iter()
+            .filter_map(|p| self.coordinator_node(p)?.node_key().ok())
+            .collect()
+    }
+
+    /// Makes the relay connections of the agent's tailnet clients silently
+    /// dead: open, but never read from or written to again (the fake
+    /// agent's own connections stay healthy). Returns how many froze.
+    pub fn freeze_client_derp(&self, ws: &str, agent: &str) -> usize {
+        let keys = self.tailnet_client_keys(ws, agent);
+        self.shared.tailnet.freeze_derp(&keys)
+    }
+
+    /// Closes the relay connections of the agent's tailnet clients (not the
+    /// agent's). Returns how many keys had one.
+    pub fn drop_client_derp(&self, ws: &str, agent: &str) -> usize {
+        let keys = self.tailnet_client_keys(ws, agent);
+        self.shared.tailnet.drop_derp(&keys)
+    }
+
+    /// Every relay drops new connections (before the DERP greeting) for
+    /// `d` from now; live ones are untouched. See
+    /// [`DerpServer::refused_at`] for when each attempt came.
+    pub fn refuse_derp_for(&self, d: Duration) {
+        self.shared.tailnet.refuse_derp_for(d);
+    }
+
+    /// Resets (RST) the TCP connections inside the agent's tailnet tunnels
+    /// (not the SSH endpoint's). Returns how many engines were reset.
+    pub fn reset_tailnet_streams(&self, ws: &str, agent: &str) -> usize {
+        let Some((ws_id, _)) = self.agent_ids(ws, agent) else {
+            return 0;
+        };
+        self.shared
+            .tailnet
+            .with_agent(ws_id, agent, |p| p.reset_streams())
+            .unwrap_or(0)
+    }
+
     /// Sets `derp_force_websockets` in the connection info, so clients use
     /// the relay's websocket (`derp` subprotocol) instead of `Upgrade: DERP`.
     pub fn set_derp_force_websockets(&self, yes: bool) {

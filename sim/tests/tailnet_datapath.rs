@@ -108,6 +108,54 @@ async fn ssh_banner_over_wireguard_over_derp() {
     let _ = (&d.client, d.agent, &d.session, &d.coord, &d.pump);
 }
 
+/// Nothing of the fake agent outlives its workspace: once a stop takes
+/// effect its relay connection is gone, and so are its tasks (coordinator,
+/// relay reader and writer, the WireGuard engine and its stream bridges);
+/// after `shutdown` no relay connection is left at all.
+#[tokio::test]
+async fn a_stopped_workspace_leaves_no_agent_tasks_behind() {
+    let sim = Sim::start(Default::default()).await.unwrap();
+    sim.add_workspace(
+        coder_sim::WorkspaceSpec::new("dev")
+            .build_time(Duration::from_millis(100))
+            .linger_after_stop(Duration::from_millis(100)),
+    )
+    .await
+    .unwrap();
+    let mut d = dial(&sim).await;
+    let mut stream = next_stream(&mut d.engine).await;
+    stream.write_all(b"SSH-2.0-tailnet-test\r\n").await.unwrap();
+    assert!(eventually(|| sim.tailnet_streams("dev", "dev") == 1, WAIT).await);
+    let metrics = tokio::runtime::Handle::current().metrics();
+    let during = metrics.num_alive_tasks();
+    let relay = sim.derp_server();
+    assert!(relay.is_connected(&d.agent_key));
+
+    sim.stop_workspace("dev");
+    assert!(
+        relay.wait_connected(&d.agent_key, false, WAIT).await,
+        "the stopped agent is still on the relay"
+    );
+    // The agent ran at least: its coordinator, relay reader, relay writer,
+    // the relay's side of that connection, the engine, its forwarder and
+    // acceptor, two stream bridges and the endpoint bridge.
+    let dropped = eventually(|| metrics.num_alive_tasks() + 8 <= during, WAIT).await;
+    eprintln!(
+        "alive tasks: {during} with the agent, {} after the stop",
+        metrics.num_alive_tasks()
+    );
+    assert!(dropped, "the agent's tasks outlived its workspace");
+
+    drop(stream);
+    sim.shutdown();
+    assert!(
+        eventually(|| relay.stats().current_connections == 0, WAIT).await,
+        "{:?}",
+        relay.stats()
+    );
+    let _ = (&d.client, d.agent, &d.session, &d.coord, &d.pump);
+}
+
 /// Serves one OpenSSH connection on a local port by piping it into `stream`.
 async fn proxy_once(stream: DuplexStream) -> u16 {
     let l = TcpListener::bind("127.0.0.1:0").await.unwrap();

@@ -12,10 +12,31 @@
 //! handshake once that connection is up (or its first dial took 3 s).
 //!
 //! After that a controller task keeps the stream's supports alive: it
-//! redials a dropped coordinate websocket (50 ms → 10 s backoff, reusing
-//! the resume token) and a dropped DERP connection, and treats the agent
-//! being reported LOST or DISCONNECTED as information only. Only the
-//! WireGuard engine's own dead-path rule ends the tunnel.
+//! redials a dropped coordinate websocket (50 ms → 10 s backoff with
+//! jitter, reusing the resume token) and a dead DERP connection (100 ms →
+//! 8 s), and treats the agent being reported LOST or DISCONNECTED as
+//! information only. Only the WireGuard engine's own dead-path rule, a
+//! reset from the agent, or [`Control::close`] ends the tunnel.
+//!
+//! Control and data are separate. Datagrams never pass through the
+//! controller: each DERP connection's reader hands the agent's datagrams
+//! straight to the engine's inbound queue, and the engine's outbound goes
+//! straight to the current relay connection's send queue ([`RelayOut`]).
+//! The controller only decides which connection is current, by writing
+//! two `watch` slots the data path reads per datagram without waiting
+//! ([`DataPath`]); so a slow coordinate close, a full relay queue or a
+//! redial never stalls the stream. While no relay is up, outbound
+//! datagrams are dropped (WireGuard and TCP retransmit).
+//!
+//! Every relay dial (TCP, TLS, the HTTP or websocket upgrade, the DERP
+//! login) is bounded as a whole by [`DERP_DIAL_BOUND`], and each live
+//! connection probes itself when silent (see [`crate::derp::client`]), so
+//! a relay that dies without a FIN is redialed well inside WireGuard's
+//! 120 s dead-path bound.
+//!
+//! Every task the client starts is owned: the controller holds them in a
+//! `JoinSet` (they end when it does), and the controller is stopped by
+//! dropping [`Control`] or, gracefully, by [`Control::close`].
 //!
 //! Networking is behind [`Dialer`], so the caller decides TLS, proxies and
 //! headers, and tests can dial anything.
@@ -24,6 +45,7 @@ use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::net::Ipv6Addr;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -31,8 +53,11 @@ use anyhow::{anyhow, bail, Context, Result};
 use prost::Message as _;
 use tokio::io::{AsyncRead, AsyncWrite, DuplexStream, ReadHalf, WriteHalf};
 use tokio::sync::{mpsc, watch};
+use tokio::task::{AbortHandle, JoinSet};
+use tokio_util::sync::CancellationToken;
 
 use crate::addr;
+use crate::backoff::Backoff;
 use crate::derp::{
     ClientOptions, DerpClient, DerpSender, DiscoPublic, Event, NodePrivate, NodePublic,
 };
@@ -49,6 +74,20 @@ use crate::yamux;
 /// agent's home DERP region when that is not ours (see
 /// [`Controller::awaiting_agent_region`]).
 const FIRST_AGENT_REGION_DIAL: Duration = Duration::from_secs(3);
+/// Bound on one whole relay dial: TCP connect, TLS, the HTTP or websocket
+/// upgrade, and the DERP login. A dial that hangs must not leave its
+/// region pending forever.
+pub const DERP_DIAL_BOUND: Duration = Duration::from_secs(15);
+/// Frames a relay connection queues before the data path drops datagrams:
+/// about a TCP window's worth of WireGuard datagrams (1.3 MB).
+const DERP_SEND_QUEUE: usize = 1024;
+/// A relay connection that lived at least this long starts its region's
+/// redial backoff afresh; one that dies sooner keeps backing off.
+const DERP_STABLE: Duration = Duration::from_secs(10);
+/// [`Control::close`]: how long our FIN waits for the agent's ACK before
+/// it becomes a RST, and how long the relay gets to write them out.
+const CLOSE_FIN_BOUND: Duration = Duration::from_millis(500);
+const CLOSE_FLUSH_BOUND: Duration = Duration::from_millis(150);
 
 /// A byte stream the dialer hands back.
 pub trait Io: AsyncRead + AsyncWrite + Unpin + Send + 'static {}
@@ -100,29 +139,118 @@ impl Config {
 /// keeping it alive.
 pub struct Tunnel {
     pub stream: DuplexStream,
-    /// `Some(reason)` once the data path is gone.
+    /// `Some(reason)` once the data path is gone or the agent reset the
+    /// connection — set before `stream` reads EOF, so a reader that sees
+    /// EOF can tell a break from an end by looking here.
     pub dead: watch::Receiver<Option<String>>,
-    task: tokio::task::JoinHandle<()>,
+    pub control: Control,
 }
 
-impl Drop for Tunnel {
+/// Owns the tunnel's controller (and through it every task the tunnel
+/// runs). Dropping it stops them all at once; [`close`](Self::close) first
+/// closes the connection towards the agent.
+pub struct Control {
+    cancel: CancellationToken,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Control {
+    /// Closes the TCP connection towards the agent (a FIN; a RST if the
+    /// FIN is not acknowledged within 500 ms), writes that out to the relay,
+    /// says goodbye to the coordinator, and stops every task. Takes at most
+    /// about 800 ms.
+    pub async fn close(mut self) {
+        self.cancel.cancel();
+        if let Some(mut task) = self.task.take() {
+            let limit = CLOSE_FIN_BOUND + CLOSE_FLUSH_BOUND + Duration::from_millis(200);
+            if tokio::time::timeout(limit, &mut task).await.is_err() {
+                task.abort();
+            }
+        }
+    }
+}
+
+impl Drop for Control {
     fn drop(&mut self) {
-        self.task.abort();
+        if let Some(t) = &self.task {
+            t.abort();
+        }
     }
 }
 
 type CoordTx = MessageSender<WriteHalf<yamux::Stream>>;
 type CoordRx = MessageReceiver<ReadHalf<yamux::Stream>>;
 
-/// Events into the controller loop.
+/// Events into the controller loop. Datagrams are not among them.
 enum Msg {
     Coordinate(CoordinateResponse),
     CoordinateDown(String),
     CoordinateUp(Box<CoordinateLink>),
     DerpMap(DerpMap),
-    Derp(i64, Event),
-    DerpDown(i64, String),
-    DerpUp(i64, DerpSender, tokio::task::JoinHandle<()>),
+    /// A control event on a relay connection (Health, Restarting).
+    DerpEvent(i64, Event),
+    /// A dial to the region succeeded.
+    DerpUp(i64, Box<DerpClient<BoxIo>>),
+    /// A dial to the region failed or timed out.
+    DerpDialFailed(i64, String),
+    /// The live connection `id` to the region died.
+    DerpDown(i64, u64, String),
+}
+
+/// Where the engine's datagrams to the agent go: a relay connection's
+/// sender and the agent's key.
+#[derive(Clone)]
+struct Route {
+    sender: DerpSender,
+    dst: NodePublic,
+}
+
+/// Where the relay readers put the agent's datagrams: the engine's
+/// inbound queue, and the only key whose datagrams it takes.
+#[derive(Clone)]
+struct Inbound {
+    agent: NodePublic,
+    tx: mpsc::Sender<Vec<u8>>,
+}
+
+/// The slots the data path reads and only the controller writes.
+struct DataPath {
+    route: watch::Sender<Option<Route>>,
+    inbound: watch::Sender<Option<Inbound>>,
+}
+
+/// The engine's [`wg::Transmit`]: straight into the current relay
+/// connection's send queue, never waiting; no relay or a full queue drops
+/// the datagram.
+struct RelayOut {
+    route: watch::Receiver<Option<Route>>,
+    dropped: AtomicU64,
+}
+
+impl wg::Transmit for RelayOut {
+    fn transmit(&self, datagram: &[u8]) {
+        let sent = match &*self.route.borrow() {
+            Some(r) => r.sender.try_send(&r.dst, datagram).is_ok(),
+            None => false,
+        };
+        if !sent {
+            let n = self.dropped.fetch_add(1, Ordering::Relaxed);
+            if n.is_power_of_two() {
+                log::debug!(
+                    "tailnet: {} datagram(s) to the agent dropped (no relay, or its queue full)",
+                    n + 1
+                );
+            }
+        }
+    }
+}
+
+/// One live relay connection, as the controller tracks it.
+struct RelayConn {
+    id: u64,
+    sender: DerpSender,
+    since: Instant,
+    reader: AbortHandle,
 }
 
 /// One coordinate connection: the yamux session and the Coordinate call.
@@ -167,6 +295,8 @@ async fn open_coordinate(dialer: &dyn Dialer, token: Option<String>) -> Result<C
     })
 }
 
+/// Dials and logs in to a region's relay, bounded as a whole by
+/// [`DERP_DIAL_BOUND`].
 async fn open_derp(
     dialer: &dyn Dialer,
     region: i64,
@@ -176,43 +306,71 @@ async fn open_derp(
     let target = map
         .target(region)
         .ok_or_else(|| anyhow!("DERP region {region} is not in the map"))?;
-    let io = dialer.derp(target).await?;
-    let client = DerpClient::handshake(io, key, ClientOptions::default())
-        .await
-        .with_context(|| format!("DERP login to region {region}"))?;
-    Ok(client)
+    let dial = async {
+        let io = dialer.derp(target).await?;
+        let opts = ClientOptions {
+            send_queue: DERP_SEND_QUEUE,
+            ..ClientOptions::default()
+        };
+        DerpClient::handshake(io, key, opts)
+            .await
+            .with_context(|| format!("DERP login to region {region}"))
+    };
+    match tokio::time::timeout(DERP_DIAL_BOUND, dial).await {
+        Ok(r) => r,
+        Err(_) => bail!(
+            "no DERP connection to region {region} within {}s",
+            DERP_DIAL_BOUND.as_secs()
+        ),
+    }
 }
 
-/// Spawn a reader that turns a DERP connection's events into [`Msg`]s.
-fn spawn_derp_reader(
-    client: DerpClient<BoxIo>,
+/// Reads one relay connection: the agent's datagrams go straight to the
+/// engine, control events to the controller (never waiting on it), and
+/// the connection's death ends the task with a [`Msg::DerpDown`].
+async fn read_relay(
+    mut rx: crate::derp::DerpReceiver<BoxIo>,
     region: i64,
-    tx: mpsc::Sender<Msg>,
-) -> (DerpSender, tokio::task::JoinHandle<()>) {
-    let (sender, mut rx) = client.into_split();
-    let h = tokio::spawn(async move {
-        loop {
-            match rx.recv().await {
-                Ok(ev) => {
-                    if tx.send(Msg::Derp(region, ev)).await.is_err() {
-                        return;
+    id: u64,
+    inbound: watch::Receiver<Option<Inbound>>,
+    msgs: mpsc::Sender<Msg>,
+) {
+    loop {
+        match rx.recv().await {
+            Ok(Event::Packet { src, data }) => {
+                if disco_magic(&data) {
+                    continue;
+                }
+                if let Some(i) = &*inbound.borrow() {
+                    // Like magicsock: only the peer we programmed. A full
+                    // engine queue drops the datagram.
+                    if i.agent == src {
+                        let _ = i.tx.try_send(data);
                     }
                 }
-                Err(e) => {
-                    let _ = tx.send(Msg::DerpDown(region, e.to_string())).await;
-                    return;
-                }
+            }
+            Ok(ev @ (Event::Health { .. } | Event::Restarting { .. })) => {
+                let _ = msgs.try_send(Msg::DerpEvent(region, ev));
+            }
+            Ok(_) => {}
+            Err(e) => {
+                let _ = msgs.send(Msg::DerpDown(region, id, e.to_string())).await;
+                return;
             }
         }
-    });
-    (sender, h)
+    }
 }
 
 /// Follow `StreamDERPMaps` on a coordinate session (best effort: old
 /// servers may not offer it, and its failure never tears anything down).
-fn spawn_derp_map_reader(session: &yamux::Session, dialer: Arc<dyn Dialer>, tx: mpsc::Sender<Msg>) {
+fn spawn_derp_map_reader(
+    tasks: &mut JoinSet<()>,
+    session: &yamux::Session,
+    dialer: Arc<dyn Dialer>,
+    tx: mpsc::Sender<Msg>,
+) {
     let session = session.clone();
-    tokio::spawn(async move {
+    tasks.spawn(async move {
         let stream = match session.open().await {
             Ok(s) => s,
             Err(e) => {
@@ -243,8 +401,8 @@ fn spawn_derp_map_reader(session: &yamux::Session, dialer: Arc<dyn Dialer>, tx: 
     });
 }
 
-fn spawn_coordinate_reader(mut rx: CoordRx, tx: mpsc::Sender<Msg>) {
-    tokio::spawn(async move {
+fn spawn_coordinate_reader(tasks: &mut JoinSet<()>, mut rx: CoordRx, tx: mpsc::Sender<Msg>) {
+    tasks.spawn(async move {
         loop {
             match rx.recv().await {
                 Ok(Some(bytes)) => match CoordinateResponse::decode(bytes.as_slice()) {
@@ -299,15 +457,22 @@ struct Controller {
     msgs_tx: mpsc::Sender<Msg>,
     coord: Option<CoordinateLink>,
     resume_token: Option<String>,
-    derp: HashMap<i64, (DerpSender, tokio::task::JoinHandle<()>)>,
+    derp: HashMap<i64, RelayConn>,
+    /// Regions with a dial under way, since when (bounded by
+    /// [`DERP_DIAL_BOUND`] plus the backoff delay before it).
     derp_pending: HashMap<i64, Instant>,
+    derp_backoff: HashMap<i64, Backoff>,
     /// Regions whose dial has concluded at least once (up or down).
     derp_tried: HashSet<i64>,
+    next_relay_id: u64,
     agent: Option<AgentNode>,
     node_at: Option<Instant>,
     ready: bool,
     engine: Option<wg::Handle>,
-    coord_backoff: Duration,
+    coord_backoff: Backoff,
+    path: DataPath,
+    /// Every task the controller starts; they end with it.
+    tasks: JoinSet<()>,
 }
 
 impl Controller {
@@ -333,7 +498,7 @@ impl Controller {
         let dialer = self.dialer.clone();
         let tx = self.msgs_tx.clone();
         let token = self.resume_token.clone();
-        tokio::spawn(async move {
+        self.tasks.spawn(async move {
             tokio::time::sleep(delay).await;
             match open_coordinate(dialer.as_ref(), token).await {
                 Ok(link) => {
@@ -354,23 +519,84 @@ impl Controller {
         let dialer = self.dialer.clone();
         let tx = self.msgs_tx.clone();
         let key = self.key.clone();
-        let is_home = region == self.home;
         let map = self.cfg.derp_map.clone();
-        tokio::spawn(async move {
+        self.tasks.spawn(async move {
             tokio::time::sleep(delay).await;
-            match open_derp(dialer.as_ref(), region, &map, &key).await {
-                Ok(client) => {
-                    let (sender, h) = spawn_derp_reader(client, region, tx.clone());
-                    if is_home {
-                        let _ = sender.note_preferred(true).await;
-                    }
-                    let _ = tx.send(Msg::DerpUp(region, sender, h)).await;
-                }
-                Err(e) => {
-                    let _ = tx.send(Msg::DerpDown(region, format!("{e:#}"))).await;
-                }
-            }
+            let msg = match open_derp(dialer.as_ref(), region, &map, &key).await {
+                Ok(client) => Msg::DerpUp(region, Box::new(client)),
+                Err(e) => Msg::DerpDialFailed(region, format!("{e:#}")),
+            };
+            let _ = tx.send(msg).await;
         });
+    }
+
+    /// The next redial delay for `region`.
+    fn derp_delay(&mut self, region: i64) -> Duration {
+        self.derp_backoff
+            .entry(region)
+            .or_insert_with(|| Backoff::new(Duration::from_millis(100), Duration::from_secs(8)))
+            .next_delay()
+    }
+
+    /// Makes `client` the region's live connection: starts its reader and
+    /// points the data path at it.
+    async fn start_relay(&mut self, region: i64, client: DerpClient<BoxIo>) {
+        let id = self.next_relay_id;
+        self.next_relay_id += 1;
+        let (sender, rx) = client.into_split();
+        if region == self.home {
+            // Just logged in: the queue is empty, this does not wait.
+            let _ = sender.note_preferred(true).await;
+        }
+        let reader = self.tasks.spawn(read_relay(
+            rx,
+            region,
+            id,
+            self.path.inbound.subscribe(),
+            self.msgs_tx.clone(),
+        ));
+        let conn = RelayConn {
+            id,
+            sender,
+            since: Instant::now(),
+            reader,
+        };
+        if let Some(old) = self.derp.insert(region, conn) {
+            old.reader.abort();
+        }
+        self.update_route();
+    }
+
+    /// Points the engine's outbound at the agent's region's connection,
+    /// else ours, else nowhere (datagrams are dropped meanwhile).
+    fn update_route(&self) {
+        let route = self.agent.as_ref().and_then(|a| {
+            let c = self
+                .derp
+                .get(&a.region)
+                .or_else(|| self.derp.get(&self.home))?;
+            Some(Route {
+                sender: c.sender.clone(),
+                dst: a.key,
+            })
+        });
+        self.path.route.send_replace(route);
+    }
+
+    /// Graceful end ([`Control::close`]): FIN (or RST) to the agent, out
+    /// through the relay, a goodbye to the coordinator.
+    async fn shut_down(&mut self) {
+        if let Some(e) = self.engine.as_mut() {
+            e.close(CLOSE_FIN_BOUND).await;
+        }
+        let route = self.path.route.borrow().clone();
+        if let Some(r) = route {
+            let _ = tokio::time::timeout(CLOSE_FLUSH_BOUND, r.sender.flush()).await;
+        }
+        if let Some(c) = self.coord.as_mut() {
+            let bye = CoordinateRequest::disconnect().encode_to_vec();
+            let _ = tokio::time::timeout(Duration::from_millis(100), c.tx.send(&bye)).await;
+        }
     }
 
     fn handle_peer_updates(&mut self, resp: CoordinateResponse) {
@@ -405,6 +631,7 @@ impl Controller {
                             log::debug!("tailnet: agent node received (home region {region})");
                             self.agent = Some(AgentNode { key, region });
                             self.node_at.get_or_insert_with(Instant::now);
+                            self.update_route();
                         }
                     }
                     if region != self.home && !self.derp.contains_key(&region) {
@@ -434,11 +661,7 @@ impl Controller {
 
     /// Start WireGuard once the agent is known and ready (or 5 s passed).
     /// Returns the new engine's stream and death receivers when it starts.
-    fn maybe_start_engine(
-        &mut self,
-        out_tx: &mpsc::Sender<Vec<u8>>,
-        my_ip: Ipv6Addr,
-    ) -> Option<EngineEnds> {
+    fn maybe_start_engine(&mut self, my_ip: Ipv6Addr) -> Option<EngineEnds> {
         if self.engine.is_some() || self.awaiting_agent_region() {
             return None;
         }
@@ -463,7 +686,16 @@ impl Controller {
             },
         );
         cfg.dead_after = self.cfg.dead_after;
-        let mut h = wg::spawn(cfg, out_tx.clone());
+        let out = RelayOut {
+            route: self.path.route.subscribe(),
+            dropped: AtomicU64::new(0),
+        };
+        let agent_key = agent.key;
+        let mut h = wg::spawn(cfg, out);
+        self.path.inbound.send_replace(Some(Inbound {
+            agent: agent_key,
+            tx: h.inbound.clone(),
+        }));
         let streams = std::mem::replace(&mut h.streams, mpsc::channel(1).1);
         let dead = h.dead.clone();
         self.engine = Some(h);
@@ -486,15 +718,6 @@ impl Controller {
                 .derp_pending
                 .get(&a.region)
                 .is_some_and(|t| t.elapsed() < FIRST_AGENT_REGION_DIAL)
-    }
-
-    fn agent_sender(&self) -> Option<(&DerpSender, NodePublic)> {
-        let a = self.agent.as_ref()?;
-        let s = self
-            .derp
-            .get(&a.region)
-            .or_else(|| self.derp.get(&self.home))?;
-        Some((&s.0, a.key))
     }
 }
 
@@ -552,13 +775,12 @@ pub async fn connect(dialer: Arc<dyn Dialer>, cfg: Config) -> Result<Tunnel> {
     node.set_disco_key(&DiscoPublic::random());
 
     let (msgs_tx, mut msgs) = mpsc::channel::<Msg>(1024);
+    let mut tasks = JoinSet::new();
     let mut link = link;
     if let Some(rx) = link.reader.take() {
-        spawn_coordinate_reader(rx, msgs_tx.clone());
+        spawn_coordinate_reader(&mut tasks, rx, msgs_tx.clone());
     }
-    spawn_derp_map_reader(&link.session, dialer.clone(), msgs_tx.clone());
-    let (sender, reader) = spawn_derp_reader(derp, home, msgs_tx.clone());
-    sender.note_preferred(true).await.ok();
+    spawn_derp_map_reader(&mut tasks, &link.session, dialer.clone(), msgs_tx.clone());
     let mut ctl = Controller {
         dialer,
         cfg,
@@ -568,21 +790,30 @@ pub async fn connect(dialer: Arc<dyn Dialer>, cfg: Config) -> Result<Tunnel> {
         msgs_tx,
         coord: Some(link),
         resume_token,
-        derp: HashMap::from([(home, (sender, reader))]),
+        derp: HashMap::new(),
         derp_pending: HashMap::new(),
+        derp_backoff: HashMap::new(),
         derp_tried: HashSet::from([home]),
+        next_relay_id: 1,
         agent: None,
         node_at: None,
         ready: false,
         engine: None,
-        coord_backoff: Duration::from_millis(50),
+        coord_backoff: Backoff::new(Duration::from_millis(50), Duration::from_secs(10)),
+        path: DataPath {
+            route: watch::channel(None).0,
+            inbound: watch::channel(None).0,
+        },
+        tasks,
     };
+    ctl.start_relay(home, derp).await;
     ctl.announce().await;
 
-    let (out_tx, mut out_rx) = mpsc::channel::<Vec<u8>>(1024);
-    let (dead_tx, dead_rx) = watch::channel(None::<String>);
-    let (stream_tx, stream_rx) = tokio::sync::oneshot::channel::<Result<DuplexStream, String>>();
+    type Opened = Result<(DuplexStream, watch::Receiver<Option<String>>), String>;
+    let (stream_tx, stream_rx) = tokio::sync::oneshot::channel::<Opened>();
     let deadline = started + ctl.cfg.connect_timeout;
+    let cancel = CancellationToken::new();
+    let cancelled = cancel.clone();
 
     let task = tokio::spawn(async move {
         let mut stream_tx = Some(stream_tx);
@@ -590,7 +821,7 @@ pub async fn connect(dialer: Arc<dyn Dialer>, cfg: Config) -> Result<Tunnel> {
         let mut engine_streams: Option<mpsc::Receiver<DuplexStream>> = None;
         let mut engine_dead: Option<watch::Receiver<Option<String>>> = None;
         loop {
-            if let Some((st, dd)) = ctl.maybe_start_engine(&out_tx, my_ip) {
+            if let Some((st, dd)) = ctl.maybe_start_engine(my_ip) {
                 engine_streams = Some(st);
                 engine_dead = Some(dd);
             }
@@ -607,31 +838,36 @@ pub async fn connect(dialer: Arc<dyn Dialer>, cfg: Config) -> Result<Tunnel> {
                 if let Some(tx) = stream_tx.take() {
                     let _ = tx.send(Err(why.to_string()));
                 }
-                let _ = dead_tx.send(Some(why.to_string()));
                 return;
             }
             tokio::select! {
+                _ = cancelled.cancelled() => {
+                    ctl.shut_down().await;
+                    return;
+                }
                 Some(m) = msgs.recv() => match m {
                     Msg::Coordinate(r) => ctl.handle_peer_updates(r),
                     Msg::CoordinateDown(e) => {
-                        log::info!("tailnet: coordinate connection down ({e}); redialing in {}ms", ctl.coord_backoff.as_millis());
+                        let d = ctl.coord_backoff.next_delay();
+                        log::info!("tailnet: coordinate connection down ({e}); redialing in {}ms", d.as_millis());
                         if let Some(c) = ctl.coord.take() {
-                            c.session.close().await;
+                            // Not awaited here: a slow close must not hold
+                            // up the controller (the data path does not
+                            // wait on it either way).
+                            ctl.tasks.spawn(async move { c.session.close().await });
                         }
-                        let d = ctl.coord_backoff;
-                        ctl.coord_backoff = (d * 2).min(Duration::from_secs(10));
                         ctl.redial_coordinate(d);
                     }
                     Msg::CoordinateUp(mut link) => {
                         log::info!("tailnet: coordinate connection restored");
-                        ctl.coord_backoff = Duration::from_millis(50);
+                        ctl.coord_backoff.reset();
                         if let Some(t) = link.resume.as_ref().map(|r| r.token.clone()).filter(|t| !t.is_empty()) {
                             ctl.resume_token = Some(t);
                         }
                         if let Some(rx) = link.reader.take() {
-                            spawn_coordinate_reader(rx, ctl.msgs_tx.clone());
+                            spawn_coordinate_reader(&mut ctl.tasks, rx, ctl.msgs_tx.clone());
                         }
-                        spawn_derp_map_reader(&link.session, ctl.dialer.clone(), ctl.msgs_tx.clone());
+                        spawn_derp_map_reader(&mut ctl.tasks, &link.session, ctl.dialer.clone(), ctl.msgs_tx.clone());
                         ctl.coord = Some(*link);
                         ctl.announce().await;
                     }
@@ -645,47 +881,44 @@ pub async fn connect(dialer: Arc<dyn Dialer>, cfg: Config) -> Result<Tunnel> {
                             }
                         }
                     }
-                    Msg::Derp(_, Event::Packet { src, data }) => {
-                        if disco_magic(&data) {
-                            continue;
-                        }
-                        if ctl.agent.as_ref().is_some_and(|a| a.key == src) {
-                            if let Some(e) = &ctl.engine {
-                                let _ = e.inbound.try_send(data);
-                            }
-                        }
-                    }
-                    Msg::Derp(region, Event::Health { problem }) if !problem.is_empty() => {
+                    Msg::DerpEvent(region, Event::Health { problem }) if !problem.is_empty() => {
                         log::info!("tailnet: DERP region {region} health: {problem}");
                     }
-                    Msg::Derp(region, Event::Restarting { reconnect_in, .. }) => {
+                    Msg::DerpEvent(region, Event::Restarting { reconnect_in, .. }) => {
                         log::info!("tailnet: DERP region {region} is restarting; reconnecting in {}ms", reconnect_in.as_millis());
                     }
-                    Msg::Derp(..) => {}
-                    Msg::DerpDown(region, e) => {
-                        log::info!("tailnet: DERP region {region} down ({e}); reconnecting");
-                        ctl.derp_tried.insert(region);
+                    Msg::DerpEvent(..) => {}
+                    Msg::DerpDown(region, id, e) => {
+                        let Some(conn) = ctl.derp.get(&region).filter(|c| c.id == id) else {
+                            // A connection already replaced.
+                            continue;
+                        };
+                        let stable = conn.since.elapsed() >= DERP_STABLE;
                         ctl.derp.remove(&region);
-                        let waited = ctl.derp_pending.remove(&region).map(|t| t.elapsed());
-                        let delay = if waited.is_some() { Duration::from_secs(1) } else { Duration::from_millis(100) };
-                        ctl.redial_derp(region, delay);
+                        ctl.update_route();
+                        if stable {
+                            if let Some(b) = ctl.derp_backoff.get_mut(&region) {
+                                b.reset();
+                            }
+                        }
+                        let d = ctl.derp_delay(region);
+                        log::info!("tailnet: DERP region {region} down ({e}); reconnecting in {}ms", d.as_millis());
+                        ctl.redial_derp(region, d);
                     }
-                    Msg::DerpUp(region, sender, h) => {
+                    Msg::DerpDialFailed(region, e) => {
+                        ctl.derp_tried.insert(region);
+                        ctl.derp_pending.remove(&region);
+                        let d = ctl.derp_delay(region);
+                        log::info!("tailnet: DERP region {region}: redial failed ({e}); retrying in {}ms", d.as_millis());
+                        ctl.redial_derp(region, d);
+                    }
+                    Msg::DerpUp(region, client) => {
                         log::info!("tailnet: DERP region {region} connected");
                         ctl.derp_tried.insert(region);
                         ctl.derp_pending.remove(&region);
-                        if let Some((_, old)) = ctl.derp.insert(region, (sender, h)) {
-                            old.abort();
-                        }
+                        ctl.start_relay(region, *client).await;
                     }
                 },
-                Some(pkt) = out_rx.recv() => {
-                    if let Some((s, dst)) = ctl.agent_sender() {
-                        if let Err(e) = s.send(&dst, &pkt).await {
-                            log::debug!("tailnet: DERP send failed: {e}");
-                        }
-                    }
-                }
                 Some(stream) = async {
                     match engine_streams.as_mut() {
                         Some(e) => e.recv().await,
@@ -693,8 +926,8 @@ pub async fn connect(dialer: Arc<dyn Dialer>, cfg: Config) -> Result<Tunnel> {
                     }
                 } => {
                     log::info!("tailnet: stream to the agent open after {}ms", started.elapsed().as_millis());
-                    if let Some(tx) = stream_tx.take() {
-                        let _ = tx.send(Ok(stream));
+                    if let (Some(tx), Some(dead)) = (stream_tx.take(), engine_dead.clone()) {
+                        let _ = tx.send(Ok((stream, dead)));
                     }
                 }
                 reason = async {
@@ -715,33 +948,33 @@ pub async fn connect(dialer: Arc<dyn Dialer>, cfg: Config) -> Result<Tunnel> {
                         None => std::future::pending().await,
                     }
                 } => {
+                    // The tunnel's owner reads the same reason from the
+                    // engine itself; nothing is left to keep alive.
                     if let Some(tx) = stream_tx.take() {
-                        let _ = tx.send(Err(reason.clone()));
+                        let _ = tx.send(Err(reason));
                     }
-                    let _ = dead_tx.send(Some(reason));
                     if let Some(c) = ctl.coord.take() {
-                        c.session.close().await;
+                        let _ = tokio::time::timeout(Duration::from_millis(500), c.session.close()).await;
                     }
                     return;
                 }
+                Some(_) = ctl.tasks.join_next() => {}
                 _ = tick.tick() => {}
             }
         }
     });
+    let control = Control {
+        cancel,
+        task: Some(task),
+    };
 
     match stream_rx.await {
-        Ok(Ok(stream)) => Ok(Tunnel {
+        Ok(Ok((stream, dead))) => Ok(Tunnel {
             stream,
-            dead: dead_rx,
-            task,
+            dead,
+            control,
         }),
-        Ok(Err(e)) => {
-            task.abort();
-            bail!("tailnet: {e}")
-        }
-        Err(_) => {
-            task.abort();
-            bail!("tailnet: the controller stopped")
-        }
+        Ok(Err(e)) => bail!("tailnet: {e}"),
+        Err(_) => bail!("tailnet: the controller stopped"),
     }
 }

@@ -9,9 +9,13 @@
 //! Layers, bottom up: [`yamux`] (stream multiplexing over the coordinate
 //! websocket), [`drpc`] (storj dRPC framing, one RPC per yamux stream),
 //! [`proto`] (tailnet v2 protobuf messages), [`derp`] (the DERP relay
-//! protocol, client and server sides).
+//! protocol, client and server sides), [`wg`] (WireGuard + userspace
+//! TCP), [`client`] (the controller that ties them together). [`clock`]
+//! and [`backoff`] are the timing rules they share.
 pub mod addr;
+pub mod backoff;
 pub mod client;
+pub mod clock;
 pub mod derp;
 pub mod derpmap;
 pub mod drpc;

@@ -13,7 +13,24 @@
 //! least every keepalive interval. When nothing at all has been received from
 //! the peer for `dead_after` (default 120 s, covering WireGuard's 90 s of
 //! handshake retries), the engine declares the data path dead and closes
-//! every stream, with the reason on its `dead` channel.
+//! every stream, with the reason on its `dead` channel. Only awake time
+//! counts ([`crate::clock`]): a process that was stopped for three minutes
+//! could not have heard anything, so it gets the whole bound again after
+//! it wakes up. The reason is published *before* any stream sees its EOF,
+//! in the Connect role also for a reset from the peer, so whoever reads
+//! the stream can tell an end from a break at the moment it sees EOF.
+//!
+//! Datagrams leave through a [`Transmit`], which must never block: the
+//! engine does not wait on its transport (a full or missing relay drops
+//! the datagram; WireGuard and TCP retransmit). Inbound datagrams arrive
+//! on a bounded channel. Both ends are `Send`, so the engine can move to a
+//! thread of its own without changing its callers.
+//!
+//! The engine owns every task it starts (the per-stream bridges, in a
+//! `JoinSet`): aborting the engine aborts them; when it stops by itself
+//! they finish handing over what they hold, then end. [`Handle::close`] ends it gracefully: a
+//! FIN on each connection, and a RST for those whose FIN is not
+//! acknowledged within a bound.
 
 use std::collections::VecDeque;
 use std::net::{IpAddr, Ipv6Addr};
@@ -28,7 +45,10 @@ use smoltcp::socket::tcp;
 use smoltcp::wire::{HardwareAddress, IpAddress, IpCidr, IpEndpoint};
 use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
 use tokio::sync::{mpsc, watch, Notify};
+use tokio::task::JoinSet;
 use tokio::time::Instant;
+
+use crate::clock::PauseDetector;
 
 /// IPv6 minimum MTU, as Coder's tailnet uses.
 pub const MTU: usize = 1280;
@@ -38,6 +58,8 @@ const TCP_BUF: usize = 256 * 1024;
 const CHUNK: usize = 32 * 1024;
 /// WireGuard timers want a tick about this often.
 const TIMER_TICK: Duration = Duration::from_millis(250);
+/// Why a Connect-role engine stops when the peer resets its connection.
+const RESET_BY_PEER: &str = "the agent reset the TCP connection";
 
 /// What the engine does with TCP.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -88,6 +110,21 @@ impl Config {
     }
 }
 
+/// Where an engine's outbound WireGuard datagrams go. Called from the
+/// engine's own task for every datagram, so it must not block: drop what
+/// cannot be sent now.
+pub trait Transmit: Send + Sync + 'static {
+    fn transmit(&self, datagram: &[u8]);
+}
+
+/// A channel as the transport (tests, coder-sim's agent): full means the
+/// datagram is dropped.
+impl Transmit for mpsc::Sender<Vec<u8>> {
+    fn transmit(&self, datagram: &[u8]) {
+        let _ = self.try_send(datagram.to_vec());
+    }
+}
+
 /// What the caller holds of a running engine.
 pub struct Handle {
     /// Established TCP connections (one in the Connect role).
@@ -96,13 +133,44 @@ pub struct Handle {
     pub dead: watch::Receiver<Option<String>>,
     /// Feed inbound WireGuard datagrams here.
     pub inbound: mpsc::Sender<Vec<u8>>,
+    commands: mpsc::UnboundedSender<Command>,
     task: tokio::task::JoinHandle<()>,
+}
+
+/// What the owner of a [`Handle`] can ask of its running engine.
+enum Command {
+    /// Abort every TCP connection (RST to the peer).
+    Reset,
+    /// FIN every connection; RST those not acknowledged within the bound;
+    /// then stop.
+    Close(Duration),
 }
 
 impl Handle {
     /// Stop the engine and close its streams.
     pub fn abort(&self) {
         self.task.abort();
+    }
+
+    /// Resets (RST) every TCP connection of the engine; each app stream
+    /// then reads EOF. The engine keeps running in the Listen role.
+    pub fn reset_connections(&self) {
+        let _ = self.commands.send(Command::Reset);
+    }
+
+    /// Closes every connection towards the peer — a FIN, or a RST for a
+    /// connection whose FIN is not acknowledged within `fin_bound` — and
+    /// waits (a little longer than that, at most) for the engine to stop.
+    /// The datagrams carrying them are handed to the transport before it
+    /// returns.
+    pub async fn close(&mut self, fin_bound: Duration) {
+        if self.commands.send(Command::Close(fin_bound)).is_err() {
+            return;
+        }
+        let limit = fin_bound + Duration::from_millis(100);
+        if tokio::time::timeout(limit, &mut self.task).await.is_err() {
+            self.task.abort();
+        }
     }
 }
 
@@ -112,30 +180,44 @@ impl Drop for Handle {
     }
 }
 
-/// Start an engine; outbound WireGuard datagrams are sent on `outbound`.
-pub fn spawn(cfg: Config, outbound: mpsc::Sender<Vec<u8>>) -> Handle {
+/// Start an engine; outbound WireGuard datagrams go to `outbound`.
+pub fn spawn(cfg: Config, outbound: impl Transmit) -> Handle {
     let (in_tx, in_rx) = mpsc::channel(256);
     let (streams_tx, streams_rx) = mpsc::channel(16);
     let (dead_tx, dead_rx) = watch::channel(None);
+    let dead_tx = Arc::new(dead_tx);
+    let (cmd_tx, cmd_rx) = mpsc::unbounded_channel();
     let task = tokio::spawn(async move {
-        let stop = match Engine::new(cfg, outbound, streams_tx) {
-            Ok(mut e) => e.run(in_rx).await,
-            Err(e) => Stop::Failed(e),
-        };
-        match stop {
-            Stop::Failed(reason) => {
-                log::debug!("wireguard engine stopped: {reason}");
-                let _ = dead_tx.send(Some(reason));
+        match Engine::new(cfg, Box::new(outbound), streams_tx, dead_tx.clone()) {
+            Ok(mut e) => {
+                let stop = e.run(in_rx, cmd_rx).await;
+                // Before `e` (and with it every stream) is dropped.
+                e.publish(&stop);
+                // Bridges still hand the app what the engine passed them
+                // (the last bytes before a FIN); each ends once drained,
+                // or once the app drops its end. Only an aborted engine
+                // aborts them.
+                e.bridges.detach_all();
+                match stop {
+                    Stop::Failed(reason) => log::debug!("wireguard engine stopped: {reason}"),
+                    // Not a failure: `dead` is dropped without a reason, and
+                    // the stream's own EOF tells the caller.
+                    Stop::Ended => {
+                        log::debug!("wireguard engine stopped: the TCP connection ended")
+                    }
+                }
             }
-            // Not a failure: `dead` is dropped without a reason, and the
-            // stream's own EOF tells the caller.
-            Stop::Ended => log::debug!("wireguard engine stopped: the TCP connection ended"),
+            Err(reason) => {
+                log::debug!("wireguard engine did not start: {reason}");
+                dead_tx.send_replace(Some(reason));
+            }
         }
     });
     Handle {
         streams: streams_rx,
         dead: dead_rx,
         inbound: in_tx,
+        commands: cmd_tx,
         task,
     }
 }
@@ -233,11 +315,19 @@ struct Engine {
     sockets: SocketSet<'static>,
     conns: Vec<Conn>,
     listener: Option<SocketHandle>,
-    outbound: mpsc::Sender<Vec<u8>>,
+    outbound: Box<dyn Transmit>,
     streams: mpsc::Sender<DuplexStream>,
+    /// Where the death reason goes, the moment it is known.
+    dead: Arc<watch::Sender<Option<String>>>,
+    /// The per-stream bridge tasks; they end with the engine.
+    bridges: JoinSet<()>,
     wake: Arc<Notify>,
     started: std::time::Instant,
+    /// When the peer was last heard from, moved forward by pauses.
     last_rx: Instant,
+    pause: PauseDetector,
+    /// Set by [`Command::Close`]: when unacknowledged FINs become RSTs.
+    closing: Option<Instant>,
     buf: Vec<u8>,
     next_port: u16,
     handshake_logged: bool,
@@ -256,8 +346,9 @@ fn tcp_socket() -> tcp::Socket<'static> {
 impl Engine {
     fn new(
         cfg: Config,
-        outbound: mpsc::Sender<Vec<u8>>,
+        outbound: Box<dyn Transmit>,
         streams: mpsc::Sender<DuplexStream>,
+        dead: Arc<watch::Sender<Option<String>>>,
     ) -> Result<Engine, String> {
         let tunn = Tunn::new(
             x25519::StaticSecret::from(cfg.private_key),
@@ -290,9 +381,13 @@ impl Engine {
             listener: None,
             outbound,
             streams,
+            dead,
+            bridges: JoinSet::new(),
             wake: Arc::new(Notify::new()),
             started,
             last_rx: Instant::now(),
+            pause: PauseDetector::new(),
+            closing: None,
             buf: vec![0u8; 65536 + 256],
             next_port: 40000 + (cfg.index % 20000) as u16,
             handshake_logged: false,
@@ -339,7 +434,7 @@ impl Engine {
         let (mut rd, mut wr) = tokio::io::split(engine_end);
         // Bridge: engine → app.
         let wake1 = wake.clone();
-        tokio::spawn(async move {
+        self.bridges.spawn(async move {
             while let Some(chunk) = to_app_rx.recv().await {
                 wake1.notify_one();
                 if wr.write_all(&chunk).await.is_err() {
@@ -349,7 +444,7 @@ impl Engine {
             let _ = wr.shutdown().await;
         });
         // Bridge: app → engine.
-        tokio::spawn(async move {
+        self.bridges.spawn(async move {
             let mut buf = vec![0u8; CHUNK];
             loop {
                 match rd.read(&mut buf).await {
@@ -381,16 +476,40 @@ impl Engine {
     }
 
     /// Run until the data path dies or the caller goes away.
-    async fn run(&mut self, mut inbound: mpsc::Receiver<Vec<u8>>) -> Stop {
+    async fn run(
+        &mut self,
+        mut inbound: mpsc::Receiver<Vec<u8>>,
+        mut commands: mpsc::UnboundedReceiver<Command>,
+    ) -> Stop {
         let mut timers = tokio::time::interval(TIMER_TICK);
         timers.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         // A first handshake right away (Connect) so the path comes up fast.
-        if let Err(e) = self.flush_handshake().await {
-            return Stop::Failed(e);
-        }
+        self.flush_handshake();
         loop {
+            // Awake, this loop comes round at least every TIMER_TICK; a
+            // longer gap is time we were stopped, when nothing could have
+            // been heard.
+            if let Err(gap) = self.pause.look() {
+                self.last_rx += gap;
+                log::info!(
+                    "tailnet: the process did not run for {}s; that silence does not count against the agent",
+                    gap.as_secs()
+                );
+            }
             if let Err(stop) = self.step().await {
                 return stop;
+            }
+            if let Some(rst_at) = self.closing {
+                if self.conns.iter().all(|c| self.fin_acked(c)) {
+                    return Stop::Ended;
+                }
+                if Instant::now() >= rst_at {
+                    log::debug!("wireguard: FIN not acknowledged in time; resetting");
+                    self.abort_all();
+                    // One more poll puts the RSTs on the wire.
+                    let _ = self.step().await;
+                    return Stop::Ended;
+                }
             }
             if self.last_rx.elapsed() > self.cfg.dead_after {
                 return Stop::Failed(format!(
@@ -408,53 +527,89 @@ impl Engine {
             tokio::select! {
                 pkt = inbound.recv() => match pkt {
                     Some(p) => {
-                        self.decapsulate(&p).await;
+                        self.decapsulate(&p);
                         // Drain whatever else is queued before polling.
                         while let Ok(p) = inbound.try_recv() {
-                            self.decapsulate(&p).await;
+                            self.decapsulate(&p);
                         }
                     }
                     None => return "the packet transport closed".into(),
                 },
+                Some(cmd) = commands.recv() => match cmd {
+                    Command::Reset => self.abort_all(),
+                    Command::Close(bound) => {
+                        self.closing = Some(Instant::now() + bound);
+                        for c in &mut self.conns {
+                            // Whatever the app had not handed over yet is
+                            // dropped: the session is ending.
+                            c.pending.clear();
+                            c.app_eof = true;
+                            if !c.fin_sent {
+                                self.sockets.get_mut::<tcp::Socket>(c.handle).close();
+                                c.fin_sent = true;
+                            }
+                        }
+                    }
+                },
                 _ = wake.notified() => {}
                 _ = tokio::time::sleep(delay) => {}
                 _ = timers.tick() => {
-                    self.wireguard_timers().await;
+                    self.wireguard_timers();
                 }
             }
         }
     }
 
-    async fn send_out(&self, pkt: &[u8]) {
-        // A full channel means the transport is slow; WireGuard and TCP both
-        // tolerate a lost packet better than a stalled engine.
-        let _ = self.outbound.try_send(pkt.to_vec());
+    fn send_out(&self, pkt: &[u8]) {
+        // The transport drops what it cannot take now; WireGuard and TCP
+        // both tolerate a lost packet better than a stalled engine.
+        self.outbound.transmit(pkt);
     }
 
-    async fn flush_handshake(&mut self) -> Result<(), String> {
+    /// Publishes why the engine stopped, if it failed.
+    fn publish(&self, stop: &Stop) {
+        if let Stop::Failed(reason) = stop {
+            self.dead.send_replace(Some(reason.clone()));
+        }
+    }
+
+    fn abort_all(&mut self) {
+        for c in &self.conns {
+            self.sockets.get_mut::<tcp::Socket>(c.handle).abort();
+        }
+    }
+
+    /// Our FIN (or RST) on `c` reached the peer: nothing more to send.
+    fn fin_acked(&self, c: &Conn) -> bool {
+        matches!(
+            self.sockets.get::<tcp::Socket>(c.handle).state(),
+            tcp::State::FinWait2 | tcp::State::TimeWait | tcp::State::Closed
+        )
+    }
+
+    fn flush_handshake(&mut self) {
         if matches!(self.cfg.role, Role::Connect { .. }) {
             let mut buf = std::mem::take(&mut self.buf);
             if let TunnResult::WriteToNetwork(p) =
                 self.tunn.format_handshake_initiation(&mut buf, false)
             {
-                self.send_out(p).await;
+                self.send_out(p);
             }
             self.buf = buf;
         }
-        Ok(())
     }
 
-    async fn wireguard_timers(&mut self) {
+    fn wireguard_timers(&mut self) {
         let mut buf = std::mem::take(&mut self.buf);
         match self.tunn.update_timers(&mut buf) {
-            TunnResult::WriteToNetwork(p) => self.send_out(p).await,
+            TunnResult::WriteToNetwork(p) => self.send_out(p),
             TunnResult::Err(e) => log::debug!("wireguard timers: {e:?}"),
             _ => {}
         }
         self.buf = buf;
     }
 
-    async fn decapsulate(&mut self, datagram: &[u8]) {
+    fn decapsulate(&mut self, datagram: &[u8]) {
         let mut buf = std::mem::take(&mut self.buf);
         let mut first = true;
         loop {
@@ -463,7 +618,7 @@ impl Engine {
             match self.tunn.decapsulate(None, input, &mut buf) {
                 TunnResult::WriteToNetwork(p) => {
                     self.last_rx = Instant::now();
-                    self.send_out(p).await;
+                    self.send_out(p);
                     continue; // repeat with an empty datagram to flush queued packets
                 }
                 TunnResult::WriteToTunnelV6(p, src) => {
@@ -545,6 +700,14 @@ impl Engine {
                     if c.announced && !s.may_recv() && !s.can_recv() {
                         // A reset lands in Closed directly; a FIN never does.
                         c.peer_fin = s.state() != tcp::State::Closed;
+                        if !c.peer_fin
+                            && self.closing.is_none()
+                            && matches!(self.cfg.role, Role::Connect { .. })
+                        {
+                            // Known before the app sees EOF, so it can tell
+                            // this EOF from the end of the stream.
+                            self.dead.send_replace(Some(RESET_BY_PEER.to_string()));
+                        }
                         c.to_app = None;
                         progressed = true;
                     }
@@ -554,7 +717,7 @@ impl Engine {
             while let Some(p) = self.dev.tx.pop_front() {
                 let mut buf = std::mem::take(&mut self.buf);
                 match self.tunn.encapsulate(&p, &mut buf) {
-                    TunnResult::WriteToNetwork(out) => self.send_out(out).await,
+                    TunnResult::WriteToNetwork(out) => self.send_out(out),
                     TunnResult::Err(e) => log::debug!("wireguard encapsulate: {e:?}"),
                     _ => {}
                 }
@@ -622,10 +785,10 @@ impl Engine {
                 self.sockets.remove(c.handle);
                 // Dropping `to_app` ends the app's read side.
                 if let Role::Connect { .. } = self.cfg.role {
-                    return Err(if c.peer_fin {
+                    return Err(if c.peer_fin || self.closing.is_some() {
                         Stop::Ended
                     } else {
-                        "the agent reset the TCP connection".into()
+                        RESET_BY_PEER.into()
                     });
                 }
                 continue;

@@ -825,3 +825,158 @@ async fn over_real_tcp_with_http_upgrade() {
         }
     }
 }
+
+/// Connects with `opts` over a pipe of `pipe` bytes each way.
+async fn connect_with(
+    server: &DerpServer,
+    opts: ClientOptions,
+    pipe: usize,
+) -> (Client, NodePrivate) {
+    let key = NodePrivate::generate();
+    let (a, b) = tokio::io::duplex(pipe);
+    let srv = server.clone();
+    tokio::spawn(async move {
+        let _ = srv.accept(b).await;
+    });
+    let c = DerpClient::handshake(a, &key, opts).await.expect("login");
+    (c, key)
+}
+
+/// A silent but healthy connection is probed and stays up: the relay
+/// answers the Ping (and nothing else arrives meanwhile).
+#[tokio::test]
+async fn a_silent_healthy_connection_is_probed_and_kept() {
+    let server = DerpServer::new();
+    let opts = ClientOptions {
+        probe_after: Some(Duration::from_millis(500)),
+        probe_timeout: Duration::from_millis(1500),
+        ..ClientOptions::default()
+    };
+    let (mut c, _) = connect_with(&server, opts, 1 << 17).await;
+    let got = tokio::time::timeout(Duration::from_secs(4), c.recv())
+        .await
+        .expect("the probe's pong")
+        .expect("a live connection");
+    assert!(matches!(got, Event::Pong(_)), "{got:?}");
+}
+
+/// A frozen relay connection (open, nothing read or written) fails `recv`
+/// with NoPong once the probe goes unanswered.
+#[tokio::test]
+async fn a_silently_dead_connection_fails_recv_with_no_pong() {
+    let server = DerpServer::new();
+    let opts = ClientOptions {
+        probe_after: Some(Duration::from_millis(500)),
+        probe_timeout: Duration::from_millis(1500),
+        ..ClientOptions::default()
+    };
+    let (mut c, key) = connect_with(&server, opts, 1 << 17).await;
+    assert_eq!(server.freeze_client(&key.public()), 1);
+    let t = std::time::Instant::now();
+    let err = tokio::time::timeout(Duration::from_secs(6), c.recv())
+        .await
+        .expect("recv must fail within the probe bounds")
+        .expect_err("a frozen connection is dead");
+    assert!(matches!(err, DerpError::NoPong(_)), "{err}");
+    assert!(err.to_string().contains("no answer to ping"), "{err}");
+    assert!(t.elapsed() >= Duration::from_secs(2), "{:?}", t.elapsed());
+    // The frozen connection is still registered until the relay drops it.
+    assert_eq!(server.conns_of(&key.public()), 1);
+    server.drop_all();
+}
+
+/// A write that cannot make progress (the relay stopped reading and the
+/// pipe is full) ends the connection with WriteStalled, even while the
+/// probe is off.
+#[tokio::test]
+async fn a_stalled_write_fails_recv_with_write_stalled() {
+    let server = DerpServer::new();
+    let opts = ClientOptions {
+        probe_after: None,
+        write_timeout: Duration::from_millis(1500),
+        ..ClientOptions::default()
+    };
+    let (mut c, key) = connect_with(&server, opts, 4096).await;
+    assert_eq!(server.freeze_client(&key.public()), 1);
+    // Wait until the relay has parked: then nothing is read any more.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let sender = c.sender();
+    let dst = NodePrivate::generate().public();
+    for _ in 0..64 {
+        let _ = sender.try_send(&dst, &[0u8; 1000]);
+    }
+    let err = tokio::time::timeout(Duration::from_secs(6), c.recv())
+        .await
+        .expect("recv must fail within the write bound")
+        .expect_err("a stalled connection is dead");
+    assert!(matches!(err, DerpError::WriteStalled(_)), "{err}");
+    assert!(sender.is_closed());
+    server.drop_all();
+}
+
+/// `try_send` never waits: a full queue is QueueFull; `flush` waits for
+/// what was queued to be written.
+#[tokio::test]
+async fn try_send_refuses_when_full_and_flush_waits_for_the_writer() {
+    let server = DerpServer::new();
+    let opts = ClientOptions {
+        send_queue: 4,
+        probe_after: None,
+        ..ClientOptions::default()
+    };
+    let (c, key) = connect_with(&server, opts, 4096).await;
+    let sender = c.sender();
+    let dst = NodePrivate::generate().public();
+    sender.try_send(&dst, b"one").unwrap();
+    tokio::time::timeout(T, sender.flush())
+        .await
+        .expect("flush in time")
+        .unwrap();
+    server.freeze_client(&key.public());
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let mut full = false;
+    for _ in 0..64 {
+        match sender.try_send(&dst, &[0u8; 1000]) {
+            Ok(()) => {}
+            Err(DerpError::QueueFull) => {
+                full = true;
+                break;
+            }
+            Err(e) => panic!("{e}"),
+        }
+    }
+    assert!(full, "the queue never filled");
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), sender.flush())
+            .await
+            .is_err(),
+        "flush returned while the relay reads nothing"
+    );
+    server.drop_all();
+}
+
+/// `refuse_for` drops new connections before the greeting and records
+/// when; live ones are untouched; afterwards logins work again.
+#[tokio::test]
+async fn refusing_relay_drops_new_connections_for_a_while() {
+    let server = DerpServer::new();
+    let (mut live, _) = connect(&server).await;
+    server.refuse_for(Duration::from_millis(500));
+    let key = NodePrivate::generate();
+    let (a, b) = tokio::io::duplex(1 << 16);
+    let srv = server.clone();
+    tokio::spawn(async move {
+        let _ = srv.accept(b).await;
+    });
+    assert!(DerpClient::handshake(a, &key, ClientOptions::default())
+        .await
+        .is_err());
+    assert_eq!(server.stats().connections_refused, 1);
+    assert_eq!(server.refused_at().len(), 1);
+    // The live connection still works (a ping is answered).
+    live.sender().send_ping([7; 8]).await.unwrap();
+    assert_eq!(next_real(&mut live).await, Event::Pong([7; 8]));
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let (_again, k2) = connect(&server).await;
+    assert!(server.is_connected(&k2.public()));
+}

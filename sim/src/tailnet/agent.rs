@@ -44,6 +44,12 @@ use crate::state::lock;
 const DISCO_MAGIC: &[u8] = &[0x54, 0x53, 0xf0, 0x9f, 0x92, 0xac];
 /// How long a datagram waits for its region's DERP connection to come up.
 pub(crate) const SEND_WAIT: Duration = Duration::from_secs(2);
+/// Silence from a client after which its engine (and its streams) go.
+/// Coder's agent has no dead-path rule of its own: its streams end by TCP,
+/// and a client that was paused for minutes (a closed laptop lid) comes
+/// back to a live session. This only reaps engines of clients that
+/// vanished without a word; Coder's `lostTimeout` is the same 15 minutes.
+const CLIENT_SILENCE: Duration = Duration::from_secs(15 * 60);
 
 /// One running fake agent. [`AgentPeer::stop`] ends it.
 pub(crate) struct AgentPeer {
@@ -225,6 +231,17 @@ impl AgentPeer {
     /// Streams currently bridged to the SSH endpoint.
     pub fn live_streams(&self) -> usize {
         self.inner.live.load(Ordering::SeqCst)
+    }
+
+    /// Resets (RST) every TCP connection inside the agent's tunnels, as an
+    /// agent whose TCP stack aborts them would. Returns how many engines
+    /// were told to.
+    pub fn reset_streams(&self) -> usize {
+        let engines = lock(&self.inner.engines);
+        for e in engines.values() {
+            e.handle.reset_connections();
+        }
+        engines.len()
     }
 
     /// Client keys with an engine.
@@ -422,6 +439,7 @@ fn new_engine(
         },
     );
     cfg.index = tn.next_engine_index();
+    cfg.dead_after = CLIENT_SILENCE;
     let mut handle = wg::spawn(cfg, out_tx);
     let (_, closed) = mpsc::channel(1);
     let mut accepted = std::mem::replace(&mut handle.streams, closed);

@@ -328,6 +328,36 @@ impl Tailnet {
         self.derp.drop_all() + self.proxy.as_ref().map_or(0, |p| p.derp.drop_all())
     }
 
+    /// Every relay of the deployment (the embedded one first).
+    fn relays(&self) -> Vec<DerpServer> {
+        let mut v = vec![self.derp.clone()];
+        v.extend(self.proxy.as_ref().map(|p| p.derp.clone()));
+        v
+    }
+
+    /// Freezes the relay connections (every region) of these node keys.
+    pub fn freeze_derp(&self, keys: &[coder_tailnet::derp::NodePublic]) -> usize {
+        let relays = self.relays();
+        keys.iter()
+            .map(|k| relays.iter().map(|r| r.freeze_client(k)).sum::<usize>())
+            .sum()
+    }
+
+    /// Closes the relay connections (every region) of these node keys.
+    pub fn drop_derp(&self, keys: &[coder_tailnet::derp::NodePublic]) -> usize {
+        let relays = self.relays();
+        keys.iter()
+            .map(|k| relays.iter().filter(|r| r.drop_client(k)).count())
+            .sum()
+    }
+
+    /// Every relay drops new connections for `d`.
+    pub fn refuse_derp_for(&self, d: Duration) {
+        for r in self.relays() {
+            r.refuse_for(d);
+        }
+    }
+
     pub fn send_peer_update(&self, agent: PeerId, kind: PeerUpdateKind) -> usize {
         self.coord.inject(agent, kind, "sim: injected")
     }

@@ -5,12 +5,29 @@
 //! The stream is split: a background task owns the write half and drains a
 //! bounded queue, so [`DerpSender::send`] and [`DerpReceiver::recv`] are
 //! both cancel-safe and can run on different tasks.
+//!
+//! Liveness is this module's too, because a relay connection can die with
+//! no FIN or RST (a laptop sleep, a Wi-Fi change, a NAT mapping expiring)
+//! and real relays send a KeepAlive only every 60 s. With nothing read for
+//! [`ClientOptions::probe_after`] the receiver sends a Ping; with still
+//! nothing read [`ClientOptions::probe_timeout`] later, `recv` fails with
+//! [`DerpError::NoPong`]. A write that makes no progress for
+//! [`ClientOptions::write_timeout`] ends the writer, and `recv` then fails
+//! with [`DerpError::WriteStalled`]. Both bounds count only time the
+//! process was awake ([`crate::clock`]). The writer task ends by itself
+//! once every sender and the receiver are gone (after writing what was
+//! queued) or when a write fails or stalls.
 
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
+use tokio::time::{Interval, MissedTickBehavior};
+
+use crate::clock::AwakeClock;
 
 use super::frame::{
     self, kind, write_queued, Frame, FrameReader, PeerGoneReason, CLIENT_MAX_FRAME_LEN,
@@ -30,8 +47,17 @@ pub struct ClientOptions {
     pub is_prober: bool,
     /// Bound on the whole login exchange.
     pub handshake_timeout: Duration,
-    /// Frames queued for the writer task before `send` waits.
+    /// Frames queued for the writer task before `send` waits (and
+    /// `try_send` refuses).
     pub send_queue: usize,
+    /// Send a Ping after this long with nothing read; `None` never probes
+    /// (the connection then dies only by EOF, an error or a stalled write).
+    pub probe_after: Option<Duration>,
+    /// After the probe, how much longer with nothing read makes the
+    /// connection dead.
+    pub probe_timeout: Duration,
+    /// A write that makes no progress for this long makes it dead.
+    pub write_timeout: Duration,
 }
 
 impl Default for ClientOptions {
@@ -42,6 +68,9 @@ impl Default for ClientOptions {
             is_prober: false,
             handshake_timeout: Duration::from_secs(10),
             send_queue: 64,
+            probe_after: Some(Duration::from_secs(5)),
+            probe_timeout: Duration::from_secs(10),
+            write_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -158,6 +187,27 @@ pub struct DerpSender {
     tx: mpsc::Sender<Vec<u8>>,
     public: NodePublic,
     server_key: NodePublic,
+    writer: Arc<WriterState>,
+}
+
+/// What the writer task shares with the senders and the receiver.
+#[derive(Debug)]
+struct WriterState {
+    /// Frames accepted into the queue so far.
+    queued: AtomicU64,
+    /// Frames written (and flushed) so far.
+    written: watch::Sender<u64>,
+    /// Why the writer stopped, if it failed.
+    failure: Mutex<Option<DerpError>>,
+}
+
+impl WriterState {
+    fn take_failure(&self) -> Option<DerpError> {
+        self.failure
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .take()
+    }
 }
 
 /// The receiving side.
@@ -165,6 +215,15 @@ pub struct DerpSender {
 pub struct DerpReceiver<S> {
     reader: FrameReader<ReadHalf<S>>,
     pongs: DerpSender,
+    probe_after: Option<Duration>,
+    probe_timeout: Duration,
+    /// Awake time since the last frame arrived.
+    silence: AwakeClock,
+    /// A Ping went out for the current silence.
+    probed: bool,
+    /// Wakes `recv` to look at the silence.
+    tick: Interval,
+    pings: u64,
 }
 
 impl<S> DerpClient<S>
@@ -257,16 +316,30 @@ where
         };
 
         let (tx, rx) = mpsc::channel(opts.send_queue.max(1));
-        tokio::spawn(write_loop(w, rx));
+        let writer = Arc::new(WriterState {
+            queued: AtomicU64::new(0),
+            written: watch::channel(0).0,
+            failure: Mutex::new(None),
+        });
+        tokio::spawn(write_loop(w, rx, opts.write_timeout, writer.clone()));
         let sender = DerpSender {
             tx,
             public: private.public(),
             server_key,
+            writer,
         };
+        let mut tick = tokio::time::interval(LIVENESS_TICK);
+        tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
         Ok(Self {
             receiver: DerpReceiver {
                 reader,
                 pongs: sender.clone(),
+                probe_after: opts.probe_after,
+                probe_timeout: opts.probe_timeout,
+                silence: AwakeClock::new(),
+                probed: false,
+                tick,
+                pings: 0,
             },
             sender,
             server_info,
@@ -328,15 +401,35 @@ impl DerpSender {
     /// Queues `packet` for `dst`. Fails if the packet exceeds 64 KiB or the
     /// connection is gone. Waits while the send queue is full.
     pub async fn send(&self, dst: &NodePublic, packet: &[u8]) -> Result<(), DerpError> {
-        if packet.len() > MAX_PACKET_SIZE {
-            return Err(DerpError::PacketTooLarge(packet.len()));
-        }
-        let mut body = Vec::with_capacity(frame::FRAME_HEADER_LEN + 32 + packet.len());
-        body.push(kind::SEND_PACKET);
-        body.extend_from_slice(&((32 + packet.len()) as u32).to_be_bytes());
-        body.extend_from_slice(dst.as_bytes());
-        body.extend_from_slice(packet);
+        let body = send_packet_frame(dst, packet)?;
         self.queue(body).await
+    }
+
+    /// Like [`send`](Self::send), but never waits: a full queue is
+    /// [`DerpError::QueueFull`] (the datagram is dropped; WireGuard and TCP
+    /// recover from a lost packet, a stalled data path they cannot).
+    pub fn try_send(&self, dst: &NodePublic, packet: &[u8]) -> Result<(), DerpError> {
+        let body = send_packet_frame(dst, packet)?;
+        match self.tx.try_send(body) {
+            Ok(()) => {
+                self.writer.queued.fetch_add(1, Ordering::Relaxed);
+                Ok(())
+            }
+            Err(mpsc::error::TrySendError::Full(_)) => Err(DerpError::QueueFull),
+            Err(mpsc::error::TrySendError::Closed(_)) => Err(DerpError::Closed),
+        }
+    }
+
+    /// Waits until every frame queued before this call has been written
+    /// and flushed; fails if the writer stopped first. Unbounded: callers
+    /// wrap it in a timeout.
+    pub async fn flush(&self) -> Result<(), DerpError> {
+        let target = self.writer.queued.load(Ordering::Relaxed);
+        let mut written = self.writer.written.subscribe();
+        tokio::select! {
+            r = written.wait_for(|n| *n >= target) => r.map(|_| ()).map_err(|_| DerpError::Closed),
+            _ = self.tx.closed() => Err(DerpError::Closed),
+        }
     }
 
     /// Tells the server whether this is our home (preferred) relay.
@@ -355,55 +448,123 @@ impl DerpSender {
     }
 
     async fn queue(&self, bytes: Vec<u8>) -> Result<(), DerpError> {
-        self.tx.send(bytes).await.map_err(|_| DerpError::Closed)
+        self.tx.send(bytes).await.map_err(|_| DerpError::Closed)?;
+        self.writer.queued.fetch_add(1, Ordering::Relaxed);
+        Ok(())
     }
+}
+
+/// How often a waiting receiver looks at its silence.
+const LIVENESS_TICK: Duration = Duration::from_secs(1);
+
+fn send_packet_frame(dst: &NodePublic, packet: &[u8]) -> Result<Vec<u8>, DerpError> {
+    if packet.len() > MAX_PACKET_SIZE {
+        return Err(DerpError::PacketTooLarge(packet.len()));
+    }
+    let mut body = Vec::with_capacity(frame::FRAME_HEADER_LEN + 32 + packet.len());
+    body.push(kind::SEND_PACKET);
+    body.extend_from_slice(&((32 + packet.len()) as u32).to_be_bytes());
+    body.extend_from_slice(dst.as_bytes());
+    body.extend_from_slice(packet);
+    Ok(body)
 }
 
 impl<S: AsyncRead> DerpReceiver<S> {
     /// The next event. Pings are answered before they are returned;
     /// unknown frame types and malformed known frames are skipped (logged
     /// at debug). Cancel-safe. `Err(Closed)` on EOF; I/O errors and frames
-    /// over 1 MiB are fatal.
+    /// over 1 MiB are fatal, and so are a probe nobody answers
+    /// ([`DerpError::NoPong`]) and a stalled or failed write.
     pub async fn recv(&mut self) -> Result<Event, DerpError> {
         loop {
-            let (k, payload) = self.reader.expect_frame(CLIENT_MAX_FRAME_LEN).await?;
-            let frame = match Frame::decode(k, &payload) {
-                Ok(f) => f,
-                Err(e) => {
-                    // Like Tailscale's client: a bad frame of a known type is
-                    // dropped, not fatal (e.g. a short packet, a stray greeting).
-                    log::debug!("derp: dropping frame {k:#04x}: {e}");
-                    continue;
+            // Biased: a writer that died must be noticed even while frames
+            // keep arriving, and a frame that is there is life, whatever
+            // the clock says.
+            tokio::select! {
+                biased;
+                _ = self.pongs.tx.closed() => {
+                    return Err(self.pongs.writer.take_failure().unwrap_or(DerpError::Closed));
                 }
-            };
-            return Ok(match frame {
-                Frame::RecvPacket { src, data } => Event::Packet { src, data },
-                Frame::KeepAlive => Event::KeepAlive,
-                Frame::PeerGone { peer, reason } => Event::PeerGone { peer, reason },
-                Frame::PeerPresent { peer } => Event::PeerPresent { peer },
-                Frame::Ping(d) => {
-                    // Never block the reader on a congested writer: like the
-                    // Go server, drop a pong we cannot queue right now.
-                    if self.pongs.tx.try_send(Frame::Pong(d).encode()).is_err() {
-                        log::debug!("derp: send queue full or closed; pong dropped");
+                got = self.reader.expect_frame(CLIENT_MAX_FRAME_LEN) => {
+                    let (k, payload) = got?;
+                    self.silence.reset();
+                    self.probed = false;
+                    if let Some(ev) = self.event(k, &payload) {
+                        return Ok(ev);
                     }
-                    Event::Ping(d)
                 }
-                Frame::Pong(d) => Event::Pong(d),
-                Frame::Health(problem) => Event::Health { problem },
-                Frame::Restarting {
-                    reconnect_in,
-                    try_for,
-                } => Event::Restarting {
-                    reconnect_in,
-                    try_for,
-                },
-                other => {
-                    log::debug!("derp: skipping frame type {:#04x}", other.kind());
-                    continue;
-                }
-            });
+                _ = self.tick.tick(), if self.probe_after.is_some() => self.check_silence()?,
+            }
         }
+    }
+
+    /// Probes a silent connection; fails one whose probe went unanswered.
+    fn check_silence(&mut self) -> Result<(), DerpError> {
+        let Some(after) = self.probe_after else {
+            return Ok(());
+        };
+        if let Some(gap) = self.silence.look() {
+            log::debug!("derp: {gap:?} without running; not counted as silence");
+        }
+        let silent = self.silence.counted();
+        if self.probed && silent >= after + self.probe_timeout {
+            return Err(DerpError::NoPong(self.probe_timeout));
+        }
+        if !self.probed && silent >= after {
+            self.probed = true;
+            self.pings += 1;
+            let mut data = [0u8; 8];
+            data.copy_from_slice(&self.pings.to_be_bytes());
+            // Never wait on the writer here: a full queue means the writer
+            // is stuck, which its own bound reports.
+            if self.pongs.tx.try_send(Frame::Ping(data).encode()).is_ok() {
+                self.pongs.writer.queued.fetch_add(1, Ordering::Relaxed);
+            }
+            log::debug!("derp: nothing read for {silent:?}; ping sent");
+        }
+        Ok(())
+    }
+
+    /// The event for one frame, `None` for a frame that is skipped.
+    fn event(&mut self, k: u8, payload: &[u8]) -> Option<Event> {
+        let frame = match Frame::decode(k, payload) {
+            Ok(f) => f,
+            Err(e) => {
+                // Like Tailscale's client: a bad frame of a known type is
+                // dropped, not fatal (e.g. a short packet, a stray greeting).
+                log::debug!("derp: dropping frame {k:#04x}: {e}");
+                return None;
+            }
+        };
+        Some(match frame {
+            Frame::RecvPacket { src, data } => Event::Packet { src, data },
+            Frame::KeepAlive => Event::KeepAlive,
+            Frame::PeerGone { peer, reason } => Event::PeerGone { peer, reason },
+            Frame::PeerPresent { peer } => Event::PeerPresent { peer },
+            Frame::Ping(d) => {
+                // Never block the reader on a congested writer: like the
+                // Go server, drop a pong we cannot queue right now.
+                if self.pongs.tx.try_send(Frame::Pong(d).encode()).is_ok() {
+                    self.pongs.writer.queued.fetch_add(1, Ordering::Relaxed);
+                } else {
+                    log::debug!("derp: send queue full or closed; pong dropped");
+                }
+                Event::Ping(d)
+            }
+            Frame::Pong(d) => Event::Pong(d),
+            Frame::Health(problem) => Event::Health { problem },
+            Frame::Restarting {
+                reconnect_in,
+                try_for,
+            } => Event::Restarting {
+                reconnect_in,
+                try_for,
+            },
+            other => {
+                log::debug!("derp: skipping frame type {:#04x}", other.kind());
+                return None;
+            }
+        })
     }
 
     /// A sender sharing this connection's writer.
@@ -431,17 +592,46 @@ fn is_known(k: u8) -> bool {
 
 /// Owns the write half: writes queued frames, flushing once the queue is
 /// momentarily empty. Ends (closing the write side) when every sender is
-/// dropped or a write fails; senders then see [`DerpError::Closed`].
-pub(crate) async fn write_loop<W: AsyncWrite>(
+/// dropped, or when a write fails or makes no progress for `limit` of
+/// awake time; senders then see [`DerpError::Closed`] and the receiver the
+/// failure.
+async fn write_loop<W: AsyncWrite>(
     mut w: WriteHalf<W>,
     mut rx: mpsc::Receiver<Vec<u8>>,
+    limit: Duration,
+    state: Arc<WriterState>,
 ) {
     let mut out = Vec::new();
+    let mut tick = tokio::time::interval(LIVENESS_TICK);
+    tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let mut stalled = AwakeClock::new();
     while let Some(first) = rx.recv().await {
-        if let Err(e) = write_queued(&mut w, first, &mut rx, &mut out).await {
-            log::debug!("derp: write failed: {e}");
-            return;
+        stalled.reset();
+        let write = write_queued(&mut w, first, &mut rx, &mut out);
+        tokio::pin!(write);
+        let result = loop {
+            tokio::select! {
+                biased;
+                r = &mut write => break r.map_err(DerpError::from),
+                _ = tick.tick() => {
+                    stalled.look();
+                    if stalled.counted() >= limit {
+                        break Err(DerpError::WriteStalled(limit));
+                    }
+                }
+            }
+        };
+        match result {
+            Ok(n) => state.written.send_modify(|w| *w += n),
+            Err(e) => {
+                log::debug!("derp: write failed: {e}");
+                *state
+                    .failure
+                    .lock()
+                    .unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(e);
+                return;
+            }
         }
     }
-    let _ = w.shutdown().await;
+    let _ = tokio::time::timeout(limit, w.shutdown()).await;
 }

@@ -329,6 +329,7 @@ const WRITE_BATCH: usize = 256 << 10;
 
 /// Writes `first` and whatever else is already queued on `rx` (up to
 /// [`WRITE_BATCH`] bytes) with as few writes as possible, then flushes.
+/// Returns how many frames it wrote.
 ///
 /// A relayed WireGuard datagram is a ~1.3 KB frame; writing each on its own
 /// cost one syscall (and, on loopback, one pass through the receiver's TCP
@@ -339,17 +340,22 @@ pub(crate) async fn write_queued<W: AsyncWrite + Unpin>(
     first: Vec<u8>,
     rx: &mut mpsc::Receiver<Vec<u8>>,
     out: &mut Vec<u8>,
-) -> std::io::Result<()> {
+) -> std::io::Result<u64> {
     out.clear();
     out.extend_from_slice(&first);
+    let mut frames = 1;
     while out.len() < WRITE_BATCH {
         match rx.try_recv() {
-            Ok(more) => out.extend_from_slice(&more),
+            Ok(more) => {
+                out.extend_from_slice(&more);
+                frames += 1;
+            }
             Err(_) => break,
         }
     }
     w.write_all(out).await?;
-    w.flush().await
+    w.flush().await?;
+    Ok(frames)
 }
 
 /// Reads whole frames from a byte stream.

@@ -4,7 +4,9 @@
 //!
 //! - [`key`]: node/disco keys, text and wire forms, NaCl box.
 //! - [`frame`]: frame types, typed encode/decode, a cancel-safe reader.
-//! - [`client`]: login handshake, send/receive, automatic Pong.
+//! - [`client`]: login handshake, send/receive, automatic Pong, and the
+//!   connection's liveness: a Ping after a few seconds of silence, a bound
+//!   on every write.
 //! - [`http`]: the `GET /derp` + `Upgrade: DERP` dialer and its 4xx seam
 //!   for a websocket fallback (which lives elsewhere).
 //! - [`server`]: an in-process relay for coder-sim and tests, with fault
@@ -53,6 +55,12 @@ pub enum DerpError {
     },
     #[error("DERP handshake timed out after {0:?}")]
     Timeout(std::time::Duration),
+    #[error("no answer to ping for {0:?}")]
+    NoPong(std::time::Duration),
+    #[error("a write made no progress for {0:?}")]
+    WriteStalled(std::time::Duration),
+    #[error("DERP send queue full")]
+    QueueFull,
     #[error("DERP protocol error: {0}")]
     Protocol(String),
     #[error(transparent)]

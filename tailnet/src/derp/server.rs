@@ -12,7 +12,10 @@
 //!
 //! Fault hooks: [`DerpServer::send_health`], [`DerpServer::send_restarting`],
 //! [`DerpServer::send_frame_to`], [`DerpServer::drop_client`],
-//! [`DerpServer::drop_all`].
+//! [`DerpServer::drop_all`], [`DerpServer::freeze_client`] (a silently dead
+//! connection: open, but nothing read or written any more) and
+//! [`DerpServer::refuse_for`] (new connections are dropped before the
+//! greeting, as a relay that is down would).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -62,6 +65,8 @@ pub struct ServerStats {
     pub packets_dropped: u64,
     /// Destination key not connected here.
     pub packets_unknown_dst: u64,
+    /// Connections dropped by [`DerpServer::refuse_for`].
+    pub connections_refused: u64,
 }
 
 /// The relay. Cheap to clone; clones share the registry.
@@ -81,7 +86,15 @@ struct Inner {
     forwarded: AtomicU64,
     dropped: AtomicU64,
     unknown_dst: AtomicU64,
+    refused: AtomicU64,
+    /// Until when new connections are refused.
+    refuse_until: Mutex<Option<Instant>>,
+    /// When each refused connection arrived (the newest [`REFUSED_LOG`]).
+    refused_at: Mutex<std::collections::VecDeque<Instant>>,
 }
+
+/// How many refused-connection times [`DerpServer::refused_at`] keeps.
+const REFUSED_LOG: usize = 1024;
 
 #[derive(Default)]
 struct State {
@@ -96,6 +109,10 @@ struct ConnEntry {
     key: NodePublic,
     tx: mpsc::Sender<Vec<u8>>,
     close: Arc<Notify>,
+    /// Parks the connection: it stays open, but is no longer read from
+    /// or written to (until `close`).
+    freeze: Arc<Notify>,
+    frozen: bool,
     preferred: bool,
 }
 
@@ -134,6 +151,9 @@ impl DerpServer {
                 forwarded: AtomicU64::new(0),
                 dropped: AtomicU64::new(0),
                 unknown_dst: AtomicU64::new(0),
+                refused: AtomicU64::new(0),
+                refuse_until: Mutex::new(None),
+                refused_at: Mutex::new(std::collections::VecDeque::new()),
             }),
         }
     }
@@ -150,6 +170,17 @@ impl DerpServer {
         S: AsyncRead + AsyncWrite + Send + 'static,
     {
         let inner = &self.inner;
+        if self.refusing() {
+            inner.refused.fetch_add(1, Ordering::Relaxed);
+            let mut log = lock(&inner.refused_at);
+            if log.len() >= REFUSED_LOG {
+                log.pop_front();
+            }
+            log.push_back(Instant::now());
+            drop(log);
+            // Dropping `io` closes the connection before the greeting.
+            return Err(DerpError::Protocol("refusing connections (fault)".into()));
+        }
         let (r, mut w) = tokio::io::split(io);
         let mut reader = FrameReader::new(r);
 
@@ -193,8 +224,16 @@ impl DerpServer {
 
         let (tx, rx) = mpsc::channel(inner.opts.queue_depth.max(1));
         let close = Arc::new(Notify::new());
+        let freeze = Arc::new(Notify::new());
         let id = inner.next_conn.fetch_add(1, Ordering::Relaxed);
-        self.register(id, key, tx, close.clone());
+        self.register(id, key, tx, close.clone(), freeze.clone());
+        // Unregisters however this future ends, cancellation included (a
+        // task serving it may be aborted).
+        let _registered = Registered {
+            server: self,
+            id,
+            key,
+        };
 
         let result = async {
             let si = ServerInfo {
@@ -210,10 +249,14 @@ impl DerpServer {
             };
             w.write_all(&frame.encode()).await?;
             w.flush().await?;
-            self.serve(id, key, reader, &mut w, rx, &close).await
+            let signals = ConnSignals {
+                close: &close,
+                freeze: &freeze,
+            };
+            self.serve(id, key, reader, &mut w, rx, signals).await
         }
         .await;
-        self.unregister(id, key);
+        drop(_registered);
         let _ = w.shutdown().await;
         result
     }
@@ -238,7 +281,7 @@ impl DerpServer {
         mut reader: FrameReader<R>,
         w: &mut WriteHalf<W>,
         mut rx: mpsc::Receiver<Vec<u8>>,
-        close: &Notify,
+        ConnSignals { close, freeze }: ConnSignals<'_>,
     ) -> Result<(), DerpError>
     where
         R: AsyncRead + Unpin,
@@ -251,6 +294,13 @@ impl DerpServer {
         loop {
             tokio::select! {
                 _ = close.notified() => return Ok(()),
+                _ = freeze.notified() => {
+                    // Silently dead: the socket stays open, nothing moves
+                    // either way (what a client sees after a NAT expiry).
+                    log::debug!("derp server: conn {id} of {key:?} frozen");
+                    close.notified().await;
+                    return Ok(());
+                }
                 got = reader.next_frame(SERVER_MAX_FRAME_LEN) => {
                     let Some((k, payload)) = got? else { return Ok(()) };
                     if let Some(reply) = self.handle(id, key, k, &payload, &mut gone_budget)? {
@@ -360,15 +410,21 @@ impl DerpServer {
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
-        // A poisoned registry only means another connection task panicked;
-        // the map itself is still consistent enough to serve.
-        self.inner
-            .state
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        lock(&self.inner.state)
     }
 
-    fn register(&self, id: u64, key: NodePublic, tx: mpsc::Sender<Vec<u8>>, close: Arc<Notify>) {
+    fn refusing(&self) -> bool {
+        lock(&self.inner.refuse_until).is_some_and(|t| Instant::now() < t)
+    }
+
+    fn register(
+        &self,
+        id: u64,
+        key: NodePublic,
+        tx: mpsc::Sender<Vec<u8>>,
+        close: Arc<Notify>,
+        freeze: Arc<Notify>,
+    ) {
         {
             let mut st = self.lock();
             st.conns.insert(
@@ -377,6 +433,8 @@ impl DerpServer {
                     key,
                     tx,
                     close,
+                    freeze,
+                    frozen: false,
                     preferred: false,
                 },
             );
@@ -465,7 +523,19 @@ impl DerpServer {
             packets_forwarded: i.forwarded.load(Ordering::Relaxed),
             packets_dropped: i.dropped.load(Ordering::Relaxed),
             packets_unknown_dst: i.unknown_dst.load(Ordering::Relaxed),
+            connections_refused: i.refused.load(Ordering::Relaxed),
         }
+    }
+
+    /// The id of the connection that receives packets for `key` (the
+    /// newest), if any; a new id means the client reconnected.
+    pub fn active_conn(&self, key: &NodePublic) -> Option<u64> {
+        self.lock().active.get(key).copied()
+    }
+
+    /// Connections of `key` that are still registered (frozen ones too).
+    pub fn conns_of(&self, key: &NodePublic) -> usize {
+        self.lock().conns.values().filter(|c| c.key == *key).count()
     }
 
     /// Queues `frame` to the active connection of `key`. False if absent or
@@ -516,6 +586,35 @@ impl DerpServer {
         any
     }
 
+    /// Freezes every connection of `key`: each stays open and registered,
+    /// but the relay stops reading from it and writing to it — a silently
+    /// dead connection, as a client sees one after a laptop sleep or a NAT
+    /// expiry (no FIN, no RST). A frozen connection ends only with
+    /// [`drop_client`](Self::drop_client) or [`drop_all`](Self::drop_all).
+    /// Returns how many were frozen.
+    pub fn freeze_client(&self, key: &NodePublic) -> usize {
+        let mut st = self.lock();
+        let mut n = 0;
+        for c in st.conns.values_mut().filter(|c| c.key == *key && !c.frozen) {
+            c.frozen = true;
+            c.freeze.notify_one();
+            n += 1;
+        }
+        n
+    }
+
+    /// Drops every new connection for `d` from now (before the greeting),
+    /// as a relay that is down or restarting would; live connections are
+    /// untouched. `Duration::ZERO` accepts again at once.
+    pub fn refuse_for(&self, d: Duration) {
+        *lock(&self.inner.refuse_until) = Some(Instant::now() + d);
+    }
+
+    /// When each refused connection arrived, oldest first.
+    pub fn refused_at(&self) -> Vec<Instant> {
+        lock(&self.inner.refused_at).iter().copied().collect()
+    }
+
     /// Closes every connection (a relay restart, as clients see it).
     /// Returns how many were told to close.
     pub fn drop_all(&self) -> usize {
@@ -525,6 +624,31 @@ impl DerpServer {
         }
         st.conns.len()
     }
+}
+
+/// Removes a connection from the registry when dropped.
+struct Registered<'a> {
+    server: &'a DerpServer,
+    id: u64,
+    key: NodePublic,
+}
+
+impl Drop for Registered<'_> {
+    fn drop(&mut self) {
+        self.server.unregister(self.id, self.key);
+    }
+}
+
+/// What the fault hooks use to reach one connection's task.
+struct ConnSignals<'a> {
+    close: &'a Notify,
+    freeze: &'a Notify,
+}
+
+/// A poisoned lock only means another connection task panicked; the data
+/// itself is still consistent enough to serve.
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// Token bucket for PeerGone(NotHere) replies: burst 3, then 1 per second.

@@ -128,7 +128,9 @@ fn go_missing(why: &str) -> Option<PathBuf> {
 /// Go's module cache, shared with the real-Coder suite (scripts/interop.sh).
 fn go_cache(kind: &str, var: &str) -> PathBuf {
     std::env::var_os(var).map(PathBuf::from).unwrap_or_else(|| {
-        let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(std::env::temp_dir);
+        let home = std::env::var_os("HOME")
+            .map(PathBuf::from)
+            .unwrap_or_else(std::env::temp_dir);
         home.join(".cache/coder-proxy").join(kind)
     })
 }

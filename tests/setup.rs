@@ -8,7 +8,7 @@ mod common;
 use std::os::unix::fs::PermissionsExt;
 use std::time::Duration;
 
-use coder_sim::{AgentSpec, ApiFault, WorkspaceSpec};
+use coder_sim::{AgentSpec, ApiFault, Route, WorkspaceSpec};
 use common::*;
 
 const LIMIT: Duration = Duration::from_secs(60);
@@ -445,4 +445,31 @@ async fn start_conflict_waits_for_the_other_start() {
         .map(|r| r.status)
         .collect::<Vec<_>>();
     assert_eq!(posts, vec![409], "exactly one build request, refused");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn autostart_build_request_is_retried_on_5xx() {
+    let env = Env::new(vec![WorkspaceSpec::new("dev")
+        .stopped()
+        .build_time(Duration::from_millis(300))])
+    .await;
+    // A load balancer in front of a restarting coderd.
+    env.sim
+        .fail_route(Route::CreateBuild, 502, Duration::from_secs(2));
+    let out = run(env.proxy("dev", "dev", "dev"), Some(BANNER), LIMIT).await;
+    assert_connected(&out);
+    let err = text(&out.stderr);
+    assert!(err.contains("retrying") && err.contains("502"), "{err}");
+    let posts = env
+        .sim
+        .request_log()
+        .into_iter()
+        .filter(|r| r.method == "POST" && r.path.ends_with("/builds"))
+        .map(|r| r.status)
+        .collect::<Vec<_>>();
+    assert!(
+        posts.len() >= 2 && posts[..posts.len() - 1].iter().all(|s| *s == 502),
+        "{posts:?}"
+    );
+    assert_eq!(posts.last(), Some(&201), "{posts:?}");
 }

@@ -5,7 +5,8 @@
 //! (with a slow poll as a safety net), starts stopped workspaces (retrying
 //! the start's requests on 5xx), prints each stage and a "still waiting"
 //! line every 10 s, enforces `--wait-timeout` per stage, and dials once
-//! [`decide`] says so.
+//! [`decide`] says so — retrying a dial that failed for a reason a retry
+//! can fix ([`crate::tunnel::is_transient`]) with the same backoff.
 
 use std::time::{Duration, Instant};
 
@@ -159,8 +160,36 @@ impl Waiter<'_> {
                             });
                         }
                         Err(e) if !matches!(self.tunnel, Tunnel::Tcp(_)) => {
-                            progress.finish_stage(false);
-                            return Err(e);
+                            // Tailnet or Coder Connect: coderd, its load
+                            // balancer, a proxy or the relay may be having a
+                            // bad moment; retry what can recover, within
+                            // the wait timeout, and fail at once otherwise.
+                            let over = self.tunnel.describe();
+                            if !crate::tunnel::is_transient(&e) {
+                                progress.finish_stage(false);
+                                return Err(e.context(format!("cannot reach the agent {over}")));
+                            }
+                            let since = *dialing_since.get_or_insert_with(Instant::now);
+                            if self
+                                .timeout
+                                .is_some_and(|t| since.elapsed() + dial_backoff > t)
+                            {
+                                progress.finish_stage(false);
+                                bail!(
+                                    "timed out after {} trying to reach the agent {over} (last error: {e:#}); check the deployment and its proxy, or raise --wait-timeout",
+                                    fmt_duration(since.elapsed())
+                                );
+                            }
+                            progress.line(&format!(
+                                "cannot reach the agent {over} ({e:#}); retrying in {:.1}s",
+                                dial_backoff.as_secs_f64()
+                            ));
+                            tokio::time::sleep(dial_backoff).await;
+                            dial_backoff = (dial_backoff * 2).min(RETRY_MAX);
+                            if let Ok(fresh) = self.refetch(&ws).await {
+                                ws = fresh;
+                            }
+                            continue;
                         }
                         Err(e) => {
                             // coderd says the agent is connected but its SSH
@@ -194,6 +223,7 @@ impl Waiter<'_> {
                 Decision::Wait(s) => s,
             };
             dialing_since = None;
+            dial_backoff = RETRY_MIN;
 
             // Waiting: announce the stage once.
             if stage.as_ref() != Some(&wait_stage) {

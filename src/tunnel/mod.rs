@@ -17,6 +17,7 @@ use anyhow::{bail, Result};
 use tokio::net::TcpStream;
 
 use crate::coderd::{ApiError, Client};
+use crate::proxy::ProxyError;
 
 /// A dial failure no retry can fix, raised where no typed error exists.
 #[derive(Debug, thiserror::Error)]
@@ -28,8 +29,8 @@ pub struct Permanent(pub String);
 /// The outermost typed error in the chain decides: coderd's REST answers
 /// ([`ApiError`]: 5xx, 429 and network trouble retry; 4xx do not), our own
 /// dials ([`net::DialError`]: refused connections, DNS, timeouts, 5xx on an
-/// upgrade retry; 4xx, bad certificates do not), DERP's HTTP upgrade, and
-/// I/O errors (retry). What is
+/// upgrade retry; 4xx, bad certificates do not), the HTTP proxy
+/// ([`ProxyError`]), DERP's HTTP upgrade, and I/O errors (retry). What is
 /// left — a coordinator that never sent the agent's node, a relay login
 /// that broke off — is the network or the agent settling, and is retried
 /// within `--wait-timeout`. [`Permanent`] marks the rest.
@@ -39,6 +40,9 @@ pub fn is_transient(e: &anyhow::Error) -> bool {
             return e.is_transient();
         }
         if let Some(e) = cause.downcast_ref::<net::DialError>() {
+            return e.is_transient();
+        }
+        if let Some(e) = cause.downcast_ref::<ProxyError>() {
             return e.is_transient();
         }
         if let Some(e) = cause.downcast_ref::<coder_tailnet::derp::UpgradeError>() {

@@ -1,10 +1,12 @@
-//! Dialing for the native tailnet transport: TCP, TLS with the system's
-//! roots, and websocket upgrades carrying the session token and `--header`s.
+//! Dialing for the native tailnet transport: TCP (directly or through an
+//! HTTP proxy's `CONNECT`), TLS with the system's roots, and websocket
+//! upgrades carrying the session token and `--header`s.
 //!
 //! reqwest covers the REST calls; the coordinate websocket and the DERP
 //! relay need a raw upgraded connection, so they are dialed here with the
-//! same TLS stack (rustls + ring) and the same trust store. Failures come
-//! back as a typed [`DialError`] that says whether a retry can help.
+//! same TLS stack (rustls + ring), the same trust store and the same proxy
+//! policy ([`crate::proxy`]). Failures come back as a typed [`DialError`]
+//! that says whether a retry can help.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -18,7 +20,9 @@ use url::Url;
 
 use coder_tailnet::ws::WsStream;
 
-/// Bound on TCP connect + TLS, and separately on the upgrade.
+use crate::proxy::{ProxyEnv, ProxyError};
+
+/// Bound on TCP connect (+ CONNECT) + TLS, and separately on the upgrade.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// A byte stream we can hand to yamux or DERP.
@@ -45,6 +49,9 @@ pub enum DialError {
         cause: String,
         permanent: bool,
     },
+    /// Going through the HTTP proxy failed.
+    #[error(transparent)]
+    Proxy(#[from] ProxyError),
     /// The server answered the upgrade with an error status.
     #[error("the websocket upgrade of {path} was refused: HTTP {status} {reason}{detail}")]
     Refused {
@@ -64,14 +71,15 @@ pub enum DialError {
 
 impl DialError {
     /// Whether trying again later can succeed: network trouble, timeouts,
-    /// 5xx and 429 can; a refusal (4xx), a bad certificate or a request we
-    /// cannot build cannot.
+    /// 5xx and 429 can; a refusal (4xx), a bad certificate, a refusing
+    /// proxy or a request we cannot build cannot.
     pub fn is_transient(&self) -> bool {
         match self {
             DialError::Connect { .. } | DialError::Timeout { .. } | DialError::Handshake { .. } => {
                 true
             }
             DialError::Tls { permanent, .. } => !permanent,
+            DialError::Proxy(p) => p.is_transient(),
             DialError::Refused { status, .. } => *status >= 500 || *status == 429,
             DialError::Invalid(_) => false,
         }
@@ -90,8 +98,10 @@ fn tls_config() -> Result<Arc<rustls::ClientConfig>, DialError> {
     crate::tls::upgrade_config().map_err(DialError::Invalid)
 }
 
-/// TCP (and TLS for `https`/`wss`) to `dial_host:port`, verifying `tls_name`.
+/// TCP (and TLS for `https`/`wss`) to `dial_host:port`, verifying
+/// `tls_name`, through the proxy `proxies` chooses for `tls_name:port`.
 pub async fn connect(
+    proxies: &ProxyEnv,
     tls: bool,
     dial_host: &str,
     port: u16,
@@ -102,14 +112,23 @@ pub async fn connect(
     } else {
         format!("{dial_host}:{port}")
     };
+    let proxy = proxies
+        .for_target(if tls { "https" } else { "http" }, tls_name, port)
+        .map_err(DialError::Invalid)?;
     let fut = async {
-        let tcp = TcpStream::connect((dial_host, port))
-            .await
-            .map_err(|e| DialError::Connect {
-                addr: addr.clone(),
-                cause: e.to_string(),
-            })?;
-        tcp.set_nodelay(true).ok();
+        let tcp = match proxy {
+            Some(p) => crate::proxy::connect(p, dial_host, port).await?,
+            None => {
+                let tcp = TcpStream::connect((dial_host, port)).await.map_err(|e| {
+                    DialError::Connect {
+                        addr: addr.clone(),
+                        cause: e.to_string(),
+                    }
+                })?;
+                tcp.set_nodelay(true).ok();
+                tcp
+            }
+        };
         if !tls {
             return Ok(Box::new(tcp) as BoxIo);
         }
@@ -121,13 +140,18 @@ pub async fn connect(
             .map_err(|e| tls_error(tls_name, e))?;
         Ok(Box::new(conn) as BoxIo)
     };
-    tokio::time::timeout(CONNECT_TIMEOUT, fut)
-        .await
-        .unwrap_or_else(|_| {
-            Err(DialError::Timeout {
+    match tokio::time::timeout(CONNECT_TIMEOUT, fut).await {
+        Ok(r) => r,
+        Err(_) => Err(match proxy {
+            Some(p) => DialError::Proxy(ProxyError::broken(
+                p,
+                format!("no tunnel to {addr} within {}s", CONNECT_TIMEOUT.as_secs()),
+            )),
+            None => DialError::Timeout {
                 what: format!("connect {addr}"),
-            })
-        })
+            },
+        }),
+    }
 }
 
 /// A rustls failure (bad or unknown certificate, not TLS at all) will say
@@ -151,6 +175,7 @@ fn tls_error(host: &str, e: std::io::Error) -> DialError {
 /// Open a websocket to an `http(s)` URL (converted to `ws(s)`), adding
 /// `headers` and the optional subprotocol.
 pub async fn websocket(
+    proxies: &ProxyEnv,
     url: &Url,
     headers: &[(HeaderName, HeaderValue)],
     subprotocol: Option<&str>,
@@ -194,7 +219,7 @@ pub async fn websocket(
                 .map_err(|_| DialError::Invalid("invalid subprotocol".into()))?,
         );
     }
-    let io = connect(tls, host, port, host).await?;
+    let io = connect(proxies, tls, host, port, host).await?;
     let (ws, resp) = tokio::time::timeout(
         CONNECT_TIMEOUT,
         tokio_tungstenite::client_async_with_config(req, io, None),
@@ -301,12 +326,48 @@ mod tests {
             let _ = s.write_all(body).await;
         });
         let url = Url::parse(&format!("http://127.0.0.1:{port}/api/v2/x/coordinate")).unwrap();
-        let err = websocket(&url, &[], None).await.err().expect("refused");
+        let err = websocket(&ProxyEnv::default(), &url, &[], None)
+            .await
+            .err()
+            .expect("refused");
         assert_eq!(err.status(), Some(404));
         assert!(!err.is_transient());
         assert_eq!(
             err.to_string(),
             "the websocket upgrade of /api/v2/x/coordinate was refused: HTTP 404 Not Found: Agent not found."
+        );
+    }
+
+    #[tokio::test]
+    async fn a_proxy_refusal_is_a_typed_proxy_error() {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = l.local_addr().unwrap().port();
+        tokio::spawn(async move {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            let (mut s, _) = l.accept().await.unwrap();
+            let mut buf = vec![0u8; 4096];
+            let _ = s.read(&mut buf).await;
+            let _ = s.write_all(b"HTTP/1.0 403 Access denied\r\n\r\n").await;
+        });
+        let proxies = ProxyEnv::from_vars(|k| match k {
+            "HTTPS_PROXY" => Some(format!("http://127.0.0.1:{port}")),
+            _ => None,
+        });
+        let err = connect(
+            &proxies,
+            true,
+            "coder.example.com",
+            443,
+            "coder.example.com",
+        )
+        .await
+        .err()
+        .expect("refused");
+        assert!(matches!(err, DialError::Proxy(_)), "{err:?}");
+        assert!(!err.is_transient());
+        assert!(
+            err.to_string().contains(&format!("127.0.0.1:{port}")),
+            "{err}"
         );
     }
 }

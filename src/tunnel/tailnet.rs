@@ -4,9 +4,10 @@
 //!
 //! The protocol work lives in the `coder-tailnet` crate; this file supplies
 //! what only coder-proxy knows: the deployment URL, the session token and
-//! `--header`s, and how to dial (TLS with system roots; DERP over an HTTP
-//! upgrade, falling back to a websocket when the relay refuses it or the
-//! deployment forces websockets). Dial failures keep their type ([`net::DialError`],
+//! `--header`s, and how to dial (TLS with system roots, through the HTTP
+//! proxy the environment names; DERP over an HTTP upgrade, falling back to
+//! a websocket when the relay refuses it or the deployment forces
+//! websockets). Dial failures keep their type ([`net::DialError`],
 //! [`crate::coderd::ApiError`], [`coder_tailnet::derp::UpgradeError`])
 //! through anyhow's context chain so [`super::is_transient`] can classify
 //! them.
@@ -23,6 +24,7 @@ use coder_tailnet::proto::PeerId;
 
 use super::{net, DialTarget, Permanent};
 use crate::coderd::Client;
+use crate::proxy::ProxyEnv;
 
 /// Dials coderd and its DERP relays for one agent.
 struct CoderDialer {
@@ -30,6 +32,7 @@ struct CoderDialer {
     agent_id: String,
     headers: Vec<(HeaderName, HeaderValue)>,
     force_websockets: bool,
+    proxies: Arc<ProxyEnv>,
 }
 
 impl Dialer for CoderDialer {
@@ -44,8 +47,9 @@ impl Dialer for CoderDialer {
             url.query_pairs_mut().append_pair("resume_token", &t);
         }
         let headers = self.headers.clone();
+        let proxies = self.proxies.clone();
         Box::pin(async move {
-            let ws = net::websocket(&url, &headers, None).await?;
+            let ws = net::websocket(&proxies, &url, &headers, None).await?;
             Ok(Box::new(ws) as BoxIo)
         })
     }
@@ -63,10 +67,11 @@ impl Dialer for CoderDialer {
             .cloned()
             .collect();
         let force_ws = self.force_websockets;
+        let proxies = self.proxies.clone();
         Box::pin(async move {
             let url = Url::parse(&t.url()).context("DERP URL")?;
             if !force_ws {
-                let io = net::connect(t.scheme == "https", &t.dial_host, t.port, &t.host)
+                let io = net::connect(&proxies, t.scheme == "https", &t.dial_host, t.port, &t.host)
                     .await
                     .with_context(|| format!("DERP relay {}", t.url()))?;
                 let host_header = if (t.scheme == "https" && t.port == 443)
@@ -92,7 +97,7 @@ impl Dialer for CoderDialer {
                     }
                 }
             }
-            let ws = net::websocket(&url, &headers, Some("derp"))
+            let ws = net::websocket(&proxies, &url, &headers, Some("derp"))
                 .await
                 .context("DERP websocket")?;
             Ok(Box::new(ws) as BoxIo)
@@ -140,6 +145,7 @@ pub async fn dial(client: &Client, t: &DialTarget) -> Result<client::Tunnel> {
         agent_id: t.agent_id.clone(),
         headers: client.upgrade_headers().to_vec(),
         force_websockets: info.derp_force_websockets,
+        proxies: client.proxies().clone(),
     };
     let cfg = client::Config::new(agent_id, info.derp_map);
     client::connect(Arc::new(dialer), cfg).await

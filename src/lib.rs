@@ -11,6 +11,7 @@ pub mod coderd;
 pub mod logging;
 pub mod pipe;
 pub mod progress;
+pub mod proxy;
 pub mod readiness;
 pub mod session;
 pub mod settings;
@@ -73,6 +74,12 @@ pub async fn run(cli: Cli, stdio: pipe::Stdio, redactor: logging::Redactor) -> i
         if let Ok(v) = v.to_str() {
             redactor.add(v);
         }
+    }
+    for s in settings.proxy.secrets() {
+        redactor.add(&s);
+    }
+    if !settings.proxy.is_empty() {
+        log::debug!("proxies: {:?}", settings.proxy);
     }
     if settings.is_plaintext_remote() {
         log::warn!(

@@ -19,7 +19,7 @@ use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::mpsc;
 use tokio::sync::watch::Receiver;
 
-use crate::coderd::models::{Transition, Workspace, WorkspaceStatus};
+use crate::coderd::models::{Transition, Workspace, WorkspaceBuild, WorkspaceStatus};
 use crate::coderd::watch::WatchState;
 use crate::coderd::Client;
 use crate::pipe::{self, End};
@@ -63,9 +63,23 @@ pub struct Session {
     pub watch: Receiver<WatchState>,
 }
 
-/// Decide whether a snapshot closes a session connected to `build_id`.
-pub fn close_reason(connected_build: &str, ws: &Workspace) -> Option<String> {
+/// Decide whether a snapshot closes a session connected to `connected`.
+///
+/// A snapshot of a build older than the one we connected to says nothing
+/// about it: a watch stream may replay the previous (stop) build before the
+/// current one, and a stop that preceded our autostart must not close the
+/// session it made possible.
+pub fn close_reason(connected: &WorkspaceBuild, ws: &Workspace) -> Option<String> {
     let b = &ws.latest_build;
+    if b.build_number < connected.build_number {
+        log::debug!(
+            "watch: ignoring a snapshot of build #{} (connected to #{})",
+            b.build_number,
+            connected.build_number
+        );
+        return None;
+    }
+    let connected_build = connected.id.as_str();
     let name = format!("{}/{}", ws.owner_name, ws.name);
     if b.status == WorkspaceStatus::Stopped {
         return Some(format!("workspace {name:?} was stopped"));
@@ -136,7 +150,7 @@ impl Session {
             });
         }
 
-        let build_id = self.workspace.latest_build.id.clone();
+        let connected_build = self.workspace.latest_build.clone();
         let mut sigs = match Signals::new() {
             Ok(s) => s,
             Err(e) => {
@@ -162,7 +176,7 @@ impl Session {
                                 .map(|a| format!("{}={}/{}", a.name, a.status, a.lifecycle_state))
                                 .collect::<Vec<_>>()
                         );
-                        if let Some(reason) = close_reason(&build_id, &ws) {
+                        if let Some(reason) = close_reason(&connected_build, &ws) {
                             return Closed::Workspace(reason);
                         }
                     }
@@ -288,12 +302,13 @@ mod tests {
     use crate::coderd::models::*;
 
     fn ws(id: &str, t: Transition, s: WorkspaceStatus, agent: AgentStatus) -> Workspace {
+        let number = id.trim_start_matches('b').parse::<i64>().unwrap_or(0) + 6;
         Workspace {
             name: "dev".into(),
             owner_name: "alice".into(),
             latest_build: WorkspaceBuild {
                 id: id.into(),
-                build_number: 7,
+                build_number: number,
                 transition: t,
                 status: s,
                 resources: vec![Resource {
@@ -330,8 +345,9 @@ mod tests {
             ws("b2", T::Delete, S::Deleting, A::Connected),
             ws("b1", T::Start, S::Failed, A::Connected),
         ];
+        let b1 = ws("b1", T::Start, S::Running, A::Connected).latest_build;
         for w in &keep {
-            assert_eq!(close_reason("b1", w), None, "{:?}", w.latest_build);
+            assert_eq!(close_reason(&b1, w), None, "{:?}", w.latest_build);
         }
         let close = [
             ws("b2", T::Stop, S::Stopped, A::Connected),
@@ -340,7 +356,25 @@ mod tests {
             ws("b2", T::Start, S::Running, A::Connected),
         ];
         for w in &close {
-            assert!(close_reason("b1", w).is_some(), "{:?}", w.latest_build);
+            assert!(close_reason(&b1, w).is_some(), "{:?}", w.latest_build);
         }
+    }
+
+    #[test]
+    fn snapshots_of_older_builds_never_close() {
+        use AgentStatus as A;
+        use Transition as T;
+        use WorkspaceStatus as S;
+        // Connected to b3 (#9): a replayed stop (b2, #8) or delete is stale.
+        let b3 = ws("b3", T::Start, S::Running, A::Connected).latest_build;
+        for w in [
+            ws("b2", T::Stop, S::Stopped, A::Connected),
+            ws("b2", T::Delete, S::Deleted, A::Connected),
+            ws("b1", T::Start, S::Running, A::Connected),
+        ] {
+            assert_eq!(close_reason(&b3, &w), None, "{:?}", w.latest_build);
+        }
+        // A later stop still closes.
+        assert!(close_reason(&b3, &ws("b4", T::Stop, S::Stopped, A::Connected)).is_some());
     }
 }

@@ -1,9 +1,10 @@
-//! Deployment URL, session token and extra headers.
+//! Deployment URL, session token, extra headers and HTTP proxies.
 //!
 //! Precedence: flags > environment > the Coder CLI's config directory
 //! (`url` and `session` files), exactly as `coder` resolves them, so a
 //! machine that ran `coder login` needs no extra setup. The token is held in
-//! a [`Secret`] that never prints.
+//! a [`Secret`] that never prints. Proxies come from `HTTPS_PROXY` and
+//! friends ([`crate::proxy`]).
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -43,6 +44,8 @@ pub struct Settings {
     pub token: Option<Secret>,
     pub headers: Vec<(HeaderName, HeaderValue)>,
     pub config_dir: PathBuf,
+    /// `HTTPS_PROXY`, `HTTP_PROXY`, `NO_PROXY`, ….
+    pub proxy: crate::proxy::ProxyEnv,
 }
 
 /// Bound on `--header-command`.
@@ -182,11 +185,16 @@ impl Settings {
         {
             headers.extend(run_header_command(cmd, &url).await?);
         }
+        // A proxy variable that applies to the deployment but names no
+        // usable proxy is an error now, not a silent direct connection.
+        let proxy = crate::proxy::ProxyEnv::from_env();
+        proxy.for_url(&url).map_err(|e| anyhow!(e))?;
         Ok(Settings {
             url,
             token,
             headers,
             config_dir,
+            proxy,
         })
     }
 

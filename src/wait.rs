@@ -2,9 +2,11 @@
 //!
 //! Looks the workspace up (retrying while coderd is unreachable), follows the
 //! watch stream so a state change is acted on as soon as coderd publishes it
-//! (with a slow poll as a safety net), starts stopped workspaces, prints each
-//! stage and a "still waiting" line every 10 s, enforces `--wait-timeout` per
-//! stage, and dials once [`decide`] says so.
+//! (with a slow poll as a safety net), starts stopped workspaces (retrying
+//! the start's requests on 5xx), prints each stage and a "still waiting"
+//! line every 10 s, enforces `--wait-timeout` per stage, and dials once
+//! [`decide`] says so — retrying a dial that failed for a reason a retry
+//! can fix ([`crate::tunnel::is_transient`]) with the same backoff.
 
 use std::time::{Duration, Instant};
 
@@ -113,7 +115,13 @@ impl Waiter<'_> {
                             log::info!("start conflict: {e}");
                             progress.line("Unable to start the workspace due to conflict, the workspace may be starting, retrying without autostart...");
                             autostart = false;
-                            ws = self.refetch(&ws).await.map_err(|e| anyhow!("{e}"))?;
+                            let id = ws.id.clone();
+                            ws = self
+                                .retry(&mut progress, "look up the workspace", || {
+                                    self.client.workspace(&id)
+                                })
+                                .await
+                                .map_err(|e| anyhow!("{e}"))?;
                         }
                         Err(StartError::Other(e)) => return Err(e),
                     }
@@ -152,8 +160,36 @@ impl Waiter<'_> {
                             });
                         }
                         Err(e) if !matches!(self.tunnel, Tunnel::Tcp(_)) => {
-                            progress.finish_stage(false);
-                            return Err(e);
+                            // Tailnet or Coder Connect: coderd, its load
+                            // balancer, a proxy or the relay may be having a
+                            // bad moment; retry what can recover, within
+                            // the wait timeout, and fail at once otherwise.
+                            let over = self.tunnel.describe();
+                            if !crate::tunnel::is_transient(&e) {
+                                progress.finish_stage(false);
+                                return Err(e.context(format!("cannot reach the agent {over}")));
+                            }
+                            let since = *dialing_since.get_or_insert_with(Instant::now);
+                            if self
+                                .timeout
+                                .is_some_and(|t| since.elapsed() + dial_backoff > t)
+                            {
+                                progress.finish_stage(false);
+                                bail!(
+                                    "timed out after {} trying to reach the agent {over} (last error: {e:#}); check the deployment and its proxy, or raise --wait-timeout",
+                                    fmt_duration(since.elapsed())
+                                );
+                            }
+                            progress.line(&format!(
+                                "cannot reach the agent {over} ({e:#}); retrying in {:.1}s",
+                                dial_backoff.as_secs_f64()
+                            ));
+                            tokio::time::sleep(dial_backoff).await;
+                            dial_backoff = (dial_backoff * 2).min(RETRY_MAX);
+                            if let Ok(fresh) = self.refetch(&ws).await {
+                                ws = fresh;
+                            }
+                            continue;
                         }
                         Err(e) => {
                             // coderd says the agent is connected but its SSH
@@ -187,6 +223,7 @@ impl Waiter<'_> {
                 Decision::Wait(s) => s,
             };
             dialing_since = None;
+            dial_backoff = RETRY_MIN;
 
             // Waiting: announce the stage once.
             if stage.as_ref() != Some(&wait_stage) {
@@ -375,14 +412,16 @@ impl Waiter<'_> {
     ) -> Result<WorkspaceBuild, StartError> {
         if ws.dormant_at.is_some() {
             progress.line("Activating dormant workspace...");
-            self.client
-                .wake_dormant(&ws.id)
-                .await
-                .map_err(|e| StartError::Other(anyhow!("activate dormant workspace: {e}")))?;
+            self.retry(progress, "activate the dormant workspace", || {
+                self.client.wake_dormant(&ws.id)
+            })
+            .await
+            .map_err(|e| StartError::Other(anyhow!("activate dormant workspace: {e}")))?;
         }
         let params = self
-            .client
-            .build_parameters(&ws.latest_build.id)
+            .retry(progress, "read the last build's parameters", || {
+                self.client.build_parameters(&ws.latest_build.id)
+            })
             .await
             .map_err(|e| {
                 StartError::Other(anyhow!(
@@ -401,7 +440,15 @@ impl Waiter<'_> {
             rich_parameter_values: params,
             reason: None,
         };
-        match self.client.create_build(&ws.id, &req).await {
+        // A 5xx from coderd or its load balancer is retried; should the
+        // build have been created anyway, the retry gets a 409 and we wait
+        // for that build like any other start in progress.
+        match self
+            .retry(progress, "start the workspace", || {
+                self.client.create_build(&ws.id, &req)
+            })
+            .await
+        {
             Ok(b) => Ok(b),
             Err(e) if e.status() == Some(409) => Err(StartError::Conflict(e)),
             Err(e)
@@ -411,16 +458,17 @@ impl Waiter<'_> {
             {
                 log::info!("start with the last version refused: {e}");
                 req.template_version_id = ws.template_active_version_id.clone();
-                let b =
-                    self.client
-                        .create_build(&ws.id, &req)
-                        .await
-                        .map_err(|e| match e.status() {
-                            Some(409) => StartError::Conflict(e),
-                            _ => StartError::Other(anyhow!(
-                                "start workspace with active template version: {e}"
-                            )),
-                        })?;
+                let b = self
+                    .retry(progress, "start the workspace", || {
+                        self.client.create_build(&ws.id, &req)
+                    })
+                    .await
+                    .map_err(|e| match e.status() {
+                        Some(409) => StartError::Conflict(e),
+                        _ => StartError::Other(anyhow!(
+                            "start workspace with active template version: {e}"
+                        )),
+                    })?;
                 progress.line("Unable to start the workspace with template version from last build. Your workspace has been updated to the current active template version.");
                 Ok(b)
             }

@@ -3,8 +3,14 @@
 //! that should end it. Real `ssh` through coder-proxy to coder-sim; every
 //! transfer is checked by sha256 on both ends.
 //!
-//! Row 10 (a five-minute idle session with the agent flapping) is
-//! `#[ignore]`d; run it with `cargo test --test faults -- --ignored`.
+//! Each row that applies to both transports runs twice, as `ROW::tcp`
+//! (`--tunnel tcp://`) and `ROW::tailnet` (`--tunnel tailnet`: coordinate
+//! websocket, DERP, WireGuard); see [`on_each_transport`]. A row about one
+//! transport carries it in its name (`tailnet_…`, `tcp_…`) and says in its
+//! comment why it does not apply to the other.
+//!
+//! `idle_five_minutes_with_flapping` is `#[ignore]`d; run it with
+//! `cargo test --test faults -- --ignored`.
 //!
 //! The tailnet relay rows (`tailnet_*`, in their own block at the end) run
 //! by default; the paused-shim row waits out a 3-minute SIGSTOP on almost
@@ -19,12 +25,104 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use coder_sim::{AgentStatus, ApiFault, WorkspaceSpec};
+use coder_sim::{AgentStatus, ApiFault, Route, WorkspaceSpec};
+use common::proxy::{have_tinyproxy, tcp_peers_of, ProxyOptions, Tinyproxy};
 use common::*;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
+use tokio::process::Command;
 
 const MIB: usize = 1024 * 1024;
 const LIMIT: Duration = Duration::from_secs(180);
+
+/// Which transport a row runs over.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Transport {
+    /// `--tunnel tcp://…`: a kernel TCP connection to the agent's endpoint.
+    Tcp,
+    /// `--tunnel tailnet`: coordinate websocket, DERP relay, WireGuard.
+    Tailnet,
+}
+
+impl Transport {
+    /// The `--tunnel` value for agent `dev` of workspace `dev`.
+    fn tunnel(self, env: &Env) -> String {
+        match self {
+            Transport::Tcp => env.sim.tunnel("dev", "dev").expect("agent tunnel"),
+            Transport::Tailnet => "tailnet".into(),
+        }
+    }
+}
+
+/// `ssh dev.coder` through coder-proxy over `t`, with extra proxy flags.
+fn ssh(env: &Env, t: Transport, extra: &str) -> Command {
+    let mut c = Command::new("ssh");
+    c.args(ssh_opts());
+    if let Some(k) = env.sim.client_key_path("dev", "dev") {
+        c.arg("-i").arg(k);
+    }
+    c.arg("-o")
+        .arg(format!(
+            "ProxyCommand={PROXY} --global-config {} --tunnel {} {extra} %h",
+            env.config_dir().display(),
+            t.tunnel(env)
+        ))
+        .arg("dev.coder")
+        .env_remove("CODER_SESSION_TOKEN")
+        .env_remove("CODER_URL")
+        .kill_on_drop(true);
+    without_proxy_env(&mut c);
+    c
+}
+
+/// A bare coder-proxy (no ssh) for `dev` over `t`.
+fn proxy(env: &Env, t: Transport) -> Command {
+    let mut c = Command::new(PROXY);
+    c.arg("--global-config")
+        .arg(env.config_dir())
+        .arg("--tunnel")
+        .arg(t.tunnel(env))
+        .arg("dev")
+        .env_remove("CODER_SESSION_TOKEN")
+        .env_remove("CODER_URL")
+        .kill_on_drop(true);
+    without_proxy_env(&mut c);
+    c
+}
+
+/// The machine's own proxy settings must not leak into a row.
+fn without_proxy_env(c: &mut Command) {
+    for v in [
+        "HTTP_PROXY",
+        "http_proxy",
+        "HTTPS_PROXY",
+        "https_proxy",
+        "ALL_PROXY",
+        "all_proxy",
+        "NO_PROXY",
+        "no_proxy",
+        "CODER_PROXY_PROXY_LOOPBACK",
+    ] {
+        c.env_remove(v);
+    }
+}
+
+/// Generates `NAME::tcp` and `NAME::tailnet` from `async fn NAME(t: Transport)`.
+macro_rules! on_each_transport {
+    ($(#[$meta:meta])* $name:ident) => {
+        mod $name {
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            $(#[$meta])*
+            async fn tcp() {
+                super::$name(super::Transport::Tcp).await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            $(#[$meta])*
+            async fn tailnet() {
+                super::$name(super::Transport::Tailnet).await
+            }
+        }
+    };
+}
 
 /// Deterministic bytes that compress badly.
 fn payload(n: usize, seed: u32) -> Vec<u8> {
@@ -63,8 +161,8 @@ fn flapper(env: &Env, every: Duration) -> (Arc<AtomicBool>, tokio::task::JoinHan
 }
 
 /// Upload `data` with `ssh host 'sha256sum'` and return the remote digest.
-async fn upload_digest(env: &Env, data: &[u8]) -> (std::process::Output, String) {
-    let mut cmd = env.ssh("dev", "dev", "-v", "dev.coder");
+async fn upload_digest(env: &Env, t: Transport, data: &[u8]) -> (std::process::Output, String) {
+    let mut cmd = ssh(env, t, "-v");
     cmd.arg("sha256sum | cut -d' ' -f1");
     let out = run(cmd, Some(data), LIMIT).await;
     let d = text(&out.stdout).trim().to_string();
@@ -77,10 +175,9 @@ fn assert_no_token(env: &Env, out: &std::process::Output) {
     assert!(!text(&out.stdout).contains(&tok), "token on stdout");
 }
 
-/// Row 1: the agent flaps every 200 ms through a 256 MiB upload and a
-/// 256 MiB download.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn row1_agent_flapping_throughout_transfers() {
+/// The agent's status flaps every 200 ms through a 256 MiB upload and a
+/// 256 MiB download: nothing is lost and the session stays up.
+async fn agent_flapping_throughout_transfers(t: Transport) {
     if !have_openssh() {
         return;
     }
@@ -88,14 +185,14 @@ async fn row1_agent_flapping_throughout_transfers() {
     let data = payload(256 * MIB, 1);
     let want = sha256(&data);
     let (stop, h) = flapper(&env, Duration::from_millis(200));
-    let (out, got) = upload_digest(&env, &data).await;
+    let (out, got) = upload_digest(&env, t, &data).await;
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert_eq!(got, want, "upload corrupted");
     assert_no_token(&env, &out);
 
     // Download: the remote writes a file, reports its digest on stderr, and
     // streams it on stdout.
-    let mut cmd = env.ssh("dev", "dev", "", "dev.coder");
+    let mut cmd = ssh(&env, t, "");
     let remote = env.path("down.bin");
     cmd.arg(format!(
         "head -c {} /dev/urandom > {f}; sha256sum {f} | cut -d' ' -f1 >&2; cat {f}",
@@ -119,12 +216,12 @@ async fn row1_agent_flapping_throughout_transfers() {
         "only {flips} flips happened during the transfers"
     );
 }
+on_each_transport!(agent_flapping_throughout_transfers);
 
-/// Row 2: 503 for a long stretch mid-session with the watch cut: the
-/// session is unaffected, the watch resubscribes with backoff, and a later
-/// stop is still noticed.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn row2_api_503_and_cut_watch_mid_session() {
+/// 503 for a long stretch mid-session with the watch cut: the session is
+/// unaffected, the watch resubscribes with backoff, and a later stop is
+/// still noticed.
+async fn api_503_and_cut_watch_mid_session(t: Transport) {
     if !have_openssh() {
         return;
     }
@@ -138,7 +235,7 @@ async fn row2_api_503_and_cut_watch_mid_session() {
     .await;
     // A session that moves data for the whole outage: the remote echoes
     // stdin back through sha256sum at the end.
-    let mut cmd = env.ssh("dev", "dev", "-v", "dev.coder");
+    let mut cmd = ssh(&env, t, "-v");
     cmd.arg("sha256sum | cut -d' ' -f1")
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
@@ -193,7 +290,7 @@ async fn row2_api_503_and_cut_watch_mid_session() {
 
     // A later stop is still noticed by a session whose watch went through
     // an outage.
-    let mut cmd = env.ssh("dev", "dev", "", "dev.coder");
+    let mut cmd = ssh(&env, t, "");
     cmd.arg("echo ready; sleep 120")
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
@@ -206,7 +303,7 @@ async fn row2_api_503_and_cut_watch_mid_session() {
     tokio::time::sleep(Duration::from_secs(3)).await;
     env.sim.set_api_fault(ApiFault::None);
     env.sim.stop_workspace("dev");
-    let t = Instant::now();
+    let noticed = Instant::now();
     // The watcher's backoff is at most 15 s.
     let st = tokio::time::timeout(Duration::from_secs(25), child.wait())
         .await
@@ -222,20 +319,21 @@ async fn row2_api_503_and_cut_watch_mid_session() {
         .unwrap();
     assert!(err.contains("was stopped"), "{err}");
     eprintln!(
-        "row2: stop noticed {:?} after the outage ended",
-        t.elapsed()
+        "{t:?}: stop noticed {:?} after the outage ended",
+        noticed.elapsed()
     );
 }
+on_each_transport!(api_503_and_cut_watch_mid_session);
 
-/// Row 3: the API accepts connections but never answers, mid-session.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn row3_api_hangs_mid_session() {
+/// The API accepts connections but never answers, mid-session: the
+/// transfer takes transfer time only.
+async fn api_hang_mid_session(t: Transport) {
     if !have_openssh() {
         return;
     }
     let env = Env::new(vec![WorkspaceSpec::new("dev")]).await;
     let data = payload(64 * MIB, 3);
-    let mut cmd = env.ssh("dev", "dev", "-v", "dev.coder");
+    let mut cmd = ssh(&env, t, "-v");
     cmd.arg("sleep 1; sha256sum | cut -d' ' -f1");
     let sim = env.sim.clone();
     let hang = tokio::spawn(async move {
@@ -246,21 +344,320 @@ async fn row3_api_hangs_mid_session() {
         sim.set_api_fault(ApiFault::Hang);
         sim.cut_watch_streams();
     });
-    let t = Instant::now();
+    let started = Instant::now();
     let out = run(cmd, Some(&data), LIMIT).await;
     hang.await.unwrap();
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert_eq!(text(&out.stdout).trim(), sha256(&data));
     // Nothing waited on the hung API: the session took transfer time only.
-    assert!(t.elapsed() < Duration::from_secs(60), "{:?}", t.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(60),
+        "{:?}",
+        started.elapsed()
+    );
     env.sim.set_api_fault(ApiFault::None);
 }
+on_each_transport!(api_hang_mid_session);
 
-/// Row 5: the tunnel is reset by the far side: exit at once, one line.
+/// Every new watch stream first replays the previous build as `stopped`,
+/// then (half a second later) the current state. A session that started
+/// after an autostart must ignore the stale stop — it is of a build older
+/// than the one it connected to — and still close on a real stop.
+async fn stale_stopped_replay_does_not_close_a_session_after_autostart(t: Transport) {
+    if !have_openssh() {
+        return;
+    }
+    let env = Env::new(vec![WorkspaceSpec::new("dev")
+        .stopped()
+        .build_time(Duration::from_millis(300))])
+    .await;
+    env.sim.set_watch_replays_stale_stop(true);
+    let mut cmd = ssh(&env, t, "");
+    cmd.arg("echo ready; read line; echo got:$line; sleep 120")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = cmd.spawn().unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let mut out = tokio::io::BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    tokio::time::timeout(LIMIT, out.read_line(&mut line))
+        .await
+        .expect("no output from the session")
+        .unwrap();
+    assert_eq!(line, "ready\n", "the autostarted session did not come up");
+
+    // A new watch stream (as after any dropped connection): the stale stop
+    // of the previous build, then the current running build.
+    let before = env.sim.stale_replays_begun();
+    env.sim.cut_watch_streams();
+    assert!(
+        eventually(Duration::from_secs(30), || env.sim.stale_replays_begun()
+            > before)
+        .await,
+        "the watch never resubscribed"
+    );
+    // Either the stream got to send the current state after the stale one,
+    // or the client hung up on the stale one.
+    let mut exited = None;
+    assert!(
+        eventually(Duration::from_secs(30), || {
+            exited = child.try_wait().ok().flatten();
+            exited.is_some() || env.sim.stale_replays_delivered() > before
+        })
+        .await
+    );
+    if exited.is_some() {
+        let mut err = String::new();
+        let _ = child.stderr.take().unwrap().read_to_string(&mut err).await;
+        panic!("the stale replay closed the session: {err}");
+    }
+    stdin.write_all(b"still-here\n").await.unwrap();
+    line.clear();
+    let n = tokio::time::timeout(Duration::from_secs(30), out.read_line(&mut line))
+        .await
+        .expect("the session stopped answering")
+        .unwrap_or(0);
+    if n == 0 {
+        let mut err = String::new();
+        let _ = child.stderr.take().unwrap().read_to_string(&mut err).await;
+        panic!("the stale replay closed the session: {err}");
+    }
+    assert_eq!(line, "got:still-here\n");
+
+    // A real stop still ends it.
+    env.sim.stop_workspace("dev");
+    let status = tokio::time::timeout(Duration::from_secs(30), child.wait())
+        .await
+        .expect("the stop was not noticed")
+        .unwrap();
+    let mut err = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .await
+        .unwrap();
+    assert!(err.contains("was stopped"), "{err}");
+    assert!(status.code().is_some());
+}
+on_each_transport!(stale_stopped_replay_does_not_close_a_session_after_autostart);
+
+/// tailnet only (no coordinate endpoint on tcp://). `/coordinate` answers a
+/// load balancer's 502 for a minute before the first connect: coder-proxy
+/// keeps retrying with bounded backoff and "retrying" lines, connects once
+/// it answers, and the transfer is intact. `/connection` answering 503 is
+/// retried the same way. A 403 or 404 on `/coordinate` fails at once with
+/// one line.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn row5_tunnel_reset_exits_at_once() {
+async fn tailnet_coordinate_502_before_connect_is_retried_until_it_answers() {
+    if !have_openssh() {
+        return;
+    }
+    let outage: u64 = std::env::var("CODER_PROXY_OUTAGE_SECS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(60);
     let env = Env::new(vec![WorkspaceSpec::new("dev")]).await;
-    let (mut child, _stdin) = spawn_until_banner(env.proxy("dev", "dev", "dev")).await;
+    env.sim
+        .fail_route(Route::Coordinate, 502, Duration::from_secs(outage));
+    let failing_since = Instant::now();
+    let data = payload(16 * MIB, 5);
+    let mut cmd = ssh(&env, Transport::Tailnet, "");
+    cmd.arg("sha256sum | cut -d' ' -f1");
+    let out = run(cmd, Some(&data), LIMIT).await;
+    let err = text(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert_eq!(text(&out.stdout).trim(), sha256(&data), "{err}");
+    assert!(
+        failing_since.elapsed() >= Duration::from_secs(outage),
+        "connected while /coordinate still failed"
+    );
+    let retries = err.lines().filter(|l| l.contains("retrying")).count();
+    assert!(retries >= 3, "no retrying lines:\n{err}");
+    eprintln!(
+        "{retries} retrying lines over {outage}s, the first: {}",
+        err.lines().find(|l| l.contains("retrying")).unwrap_or("")
+    );
+    assert!(
+        err.contains("502"),
+        "the retry lines do not say why:\n{err}"
+    );
+    let coordinate: Vec<_> = env
+        .sim
+        .request_log()
+        .into_iter()
+        .filter(|r| r.path.contains("/coordinate"))
+        .collect();
+    let refused = coordinate.iter().filter(|r| r.status == 502).count();
+    assert!(
+        coordinate.iter().any(|r| r.status == 101),
+        "never upgraded: {coordinate:?}"
+    );
+    // Backoff up to 4 s: about outage/4 attempts, not a storm.
+    let (lo, hi) = (outage as usize / 8, outage as usize / 2 + 6);
+    assert!(
+        (lo..=hi).contains(&refused),
+        "{refused} refused attempts in {outage}s (want {lo}..={hi})"
+    );
+
+    // /connection (the DERP map) answering 503 is retried too.
+    env.sim
+        .fail_route(Route::Connection, 503, Duration::from_secs(3));
+    let (mut child, _stdin) = spawn_until_banner(proxy(&env, Transport::Tailnet)).await;
+    child.kill().await.unwrap();
+    let mut err = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .await
+        .unwrap();
+    assert!(err.contains("retrying") && err.contains("503"), "{err}");
+
+    // What a retry cannot change fails at once, with one line.
+    for status in [403, 404] {
+        env.sim
+            .fail_route(Route::Coordinate, status, Duration::from_secs(600));
+        let started = Instant::now();
+        let out = run(proxy(&env, Transport::Tailnet), Some(BANNER), LIMIT).await;
+        assert_fails(&out, 1, &status.to_string());
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "HTTP {status} took {:?} to fail",
+            started.elapsed()
+        );
+    }
+}
+
+/// tailnet only (a `tcp://` tunnel is a direct TCP connection and never
+/// uses an HTTP proxy). With `HTTP_PROXY` pointing at a real tinyproxy —
+/// without and with Basic auth — the REST calls, the coordinate websocket
+/// and the DERP connection all go through it (tinyproxy logs the CONNECTs;
+/// coder-proxy holds no connection to anything but the proxy), data flows
+/// with sha256 equal, and the proxy password appears in no output or log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tailnet_through_an_http_proxy_with_and_without_basic_auth() {
+    if !have_openssh() || !have_tinyproxy() {
+        return;
+    }
+    let env = Env::new(vec![WorkspaceSpec::new("dev")]).await;
+    let sim_port = url_port(&env.sim.url());
+    for auth in [None, Some(("proxyuser", "pr0xy-s3cret-pw"))] {
+        let tp = Tinyproxy::start(ProxyOptions {
+            basic_auth: auth.map(|(u, p)| (u.to_string(), p.to_string())),
+            ..Default::default()
+        })
+        .await;
+        let logs = env.path(&format!("logs-{}", auth.is_some()));
+        let data = payload(32 * MIB, 9);
+        let mut cmd = ssh(
+            &env,
+            Transport::Tailnet,
+            &format!("-v --log-dir {}", logs.display()),
+        );
+        cmd.env("HTTP_PROXY", tp.url(auth))
+            .env("CODER_PROXY_PROXY_LOOPBACK", "1")
+            .arg("sha256sum | cut -d' ' -f1")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = cmd.spawn().unwrap();
+        let ssh_pid = child.id().unwrap();
+        // While the session is up: every TCP connection coder-proxy holds
+        // goes to the proxy.
+        let mut peers = Vec::new();
+        assert!(
+            eventually(Duration::from_secs(60), || {
+                let Some(pid) = child_pid_named(ssh_pid, "coder-proxy") else {
+                    return false;
+                };
+                peers = tcp_peers_of(pid);
+                env.sim.tailnet_streams("dev", "dev") > 0 && !peers.is_empty()
+            })
+            .await,
+            "the session never came up"
+        );
+        assert!(
+            peers.iter().all(|p| *p == tp.port),
+            "coder-proxy holds connections to ports {peers:?}, not only the proxy's {}",
+            tp.port
+        );
+        let mut stdin = child.stdin.take().unwrap();
+        let writer = tokio::spawn(async move {
+            stdin.write_all(&data).await.unwrap();
+            data
+        });
+        let out = tokio::time::timeout(LIMIT, child.wait_with_output())
+            .await
+            .unwrap()
+            .unwrap();
+        let data = writer.await.unwrap();
+        let err = text(&out.stderr);
+        assert!(out.status.success(), "{err}");
+        assert_eq!(text(&out.stdout).trim(), sha256(&data), "{err}");
+
+        let requests = tp.requests();
+        let connects = requests
+            .iter()
+            .filter(|r| r.starts_with(&format!("CONNECT 127.0.0.1:{sim_port} ")))
+            .count();
+        assert!(
+            connects >= 2,
+            "want CONNECTs for the coordinate websocket and DERP, got {requests:?}"
+        );
+        eprintln!(
+            "basic auth {}: tinyproxy saw {connects} CONNECTs to the sim among {requests:?}; coder-proxy's connections went to ports {peers:?}",
+            auth.is_some()
+        );
+        assert!(
+            requests
+                .iter()
+                .any(|r| r.starts_with(&format!("GET http://127.0.0.1:{sim_port}/api/v2/"))),
+            "the REST calls did not go through the proxy: {requests:?}"
+        );
+        let upgraded = |p: &str| {
+            env.sim
+                .request_log()
+                .iter()
+                .any(|r| r.path.contains(p) && r.status == 101)
+        };
+        assert!(upgraded("/coordinate") && upgraded("/derp"));
+        if let Some((_, password)) = auth {
+            let mut everything = err.clone();
+            for f in std::fs::read_dir(&logs).unwrap().flatten() {
+                everything.push_str(&std::fs::read_to_string(f.path()).unwrap_or_default());
+            }
+            assert!(everything.contains("CONNECT") || everything.contains("proxy"));
+            assert!(
+                !everything.contains(password),
+                "the proxy password leaked into stderr or the log file"
+            );
+        }
+    }
+}
+
+/// The port of `http://host:PORT`.
+fn url_port(url: &str) -> u16 {
+    url.rsplit(':')
+        .next()
+        .and_then(|p| p.trim_end_matches('/').parse().ok())
+        .expect("a port in the URL")
+}
+
+/// The `tcp://` tunnel is reset by the far side: exit 1 at once, one line.
+///
+/// tcp:// only. Over tailnet there is no kernel connection to reset: the
+/// agent bridges our userspace TCP stream to its SSH server, so a reset
+/// behind the agent reaches us as the agent closing its side (a FIN) —
+/// `close_orders::tailnet` covers that. A dead tailnet data path is the
+/// relay-fault rows' business.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tcp_tunnel_reset_exits_at_once_with_one_line() {
+    let env = Env::new(vec![WorkspaceSpec::new("dev")]).await;
+    let (mut child, _stdin) = spawn_until_banner(proxy(&env, Transport::Tcp)).await;
     assert!(env.sim.reset_connections("dev", "dev"));
     let t = Instant::now();
     let status = tokio::time::timeout(Duration::from_secs(5), child.wait())
@@ -280,18 +677,18 @@ async fn row5_tunnel_reset_exits_at_once() {
         .unwrap();
     assert_eq!(err.trim_end().lines().count(), 1, "{err}");
     assert!(err.contains("connection to the agent broke"), "{err}");
-    eprintln!("row5: exit {took:?} after reset");
+    eprintln!("tcp reset: exit {took:?} after reset");
 }
 
-/// Row 6: signals mid-transfer end the shim within 1 s, leaving nothing.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn row6_signals_mid_transfer() {
+/// SIGHUP, SIGTERM and SIGINT mid-transfer end the shim within 1 s,
+/// leaving no process behind.
+async fn signals_mid_transfer_end_the_shim_within_a_second(t: Transport) {
     if !have_openssh() {
         return;
     }
     let env = Env::new(vec![WorkspaceSpec::new("dev")]).await;
     for sig in ["HUP", "TERM", "INT"] {
-        let mut cmd = env.ssh("dev", "dev", "", "dev.coder");
+        let mut cmd = ssh(&env, t, "");
         cmd.arg("cat > /dev/null")
             .stdin(Stdio::piped())
             .stdout(Stdio::null())
@@ -319,7 +716,7 @@ async fn row6_signals_mid_transfer() {
             .arg(pid.to_string())
             .status()
             .unwrap();
-        let t = Instant::now();
+        let signalled = Instant::now();
         assert!(
             eventually(Duration::from_secs(5), || !std::path::Path::new(&format!(
                 "/proc/{pid}"
@@ -331,9 +728,9 @@ async fn row6_signals_mid_transfer() {
             "coder-proxy {pid} still alive after SIG{sig}"
         );
         assert!(
-            t.elapsed() < Duration::from_secs(1),
+            signalled.elapsed() < Duration::from_secs(1),
             "SIG{sig}: exit took {:?}",
-            t.elapsed()
+            signalled.elapsed()
         );
         let _ = tokio::time::timeout(Duration::from_secs(10), child.wait())
             .await
@@ -343,6 +740,7 @@ async fn row6_signals_mid_transfer() {
         assert!(child_pid_named(pid, "").is_none());
     }
 }
+on_each_transport!(signals_mid_transfer_end_the_shim_within_a_second);
 
 /// The first child of `parent` whose command name starts with `name`.
 fn child_pid_named(parent: u32, name: &str) -> Option<u32> {
@@ -369,20 +767,20 @@ fn child_pid_named(parent: u32, name: &str) -> Option<u32> {
     None
 }
 
-/// Row 7: remote closes first while stdin stays open; stdin EOF first.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn row7_close_orders() {
+/// The remote closes first while stdin stays open: exit promptly. Stdin
+/// EOF first: all remaining output still arrives.
+async fn close_orders(t: Transport) {
     let env = Env::new(vec![WorkspaceSpec::new("dev")]).await;
     // Remote closes: the proxy, stdin still open, exits promptly.
-    let (mut child, _stdin) = spawn_until_banner(env.proxy("dev", "dev", "dev")).await;
+    let (mut child, _stdin) = spawn_until_banner(proxy(&env, t)).await;
     assert!(env.sim.kill_connections("dev", "dev"));
-    let t = Instant::now();
+    let killed = Instant::now();
     let status = tokio::time::timeout(Duration::from_secs(5), child.wait())
         .await
         .expect("still running")
         .unwrap();
-    let took = t.elapsed();
-    eprintln!("row7: exit {took:?} after the remote closed");
+    let took = killed.elapsed();
+    eprintln!("{t:?}: exit {took:?} after the remote closed");
     assert!(took < Duration::from_millis(500), "exit took {took:?}");
     assert!(status.code().is_some());
 
@@ -392,7 +790,7 @@ async fn row7_close_orders() {
     // Stdin EOF first: all remaining output still arrives.
     let file = env.path("in.bin");
     random_file(&file, 8 * MIB, 11);
-    let mut cmd = env.ssh("dev", "dev", "", "dev.coder");
+    let mut cmd = ssh(&env, t, "");
     cmd.arg("sleep 1; cat")
         .stdin(std::fs::File::open(&file).unwrap())
         .stdout(Stdio::piped())
@@ -404,11 +802,11 @@ async fn row7_close_orders() {
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert_eq!(sha256(&out.stdout), sha256_file(&file));
 }
+on_each_transport!(close_orders);
 
-/// Row 8: the API is down before connecting: retry, say so, connect when
-/// it returns; beyond --wait-timeout, fail clearly.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn row8_api_down_before_connecting() {
+/// The API is down (503) before connecting: retry, say so, connect when it
+/// returns; beyond --wait-timeout, fail with one clear line.
+async fn api_down_before_connecting_is_retried(t: Transport) {
     if !have_openssh() {
         return;
     }
@@ -424,7 +822,7 @@ async fn row8_api_down_before_connecting() {
         sim.set_api_fault(ApiFault::None);
         Instant::now()
     });
-    let mut cmd = env.ssh("dev", "dev", "", "dev.coder");
+    let mut cmd = ssh(&env, t, "");
     cmd.arg("echo through");
     let out = run(cmd, None, LIMIT).await;
     let healed = heal.await.unwrap();
@@ -433,12 +831,12 @@ async fn row8_api_down_before_connecting() {
     assert_eq!(text(&out.stdout), "through\n");
     assert!(err.contains("retrying"), "{err}");
     eprintln!(
-        "row8: connected {:?} after the API came back",
+        "{t:?}: connected {:?} after the API came back",
         healed.elapsed()
     );
 
     env.sim.set_api_fault(ApiFault::Status(503));
-    let mut cmd = env.proxy("dev", "dev", "dev");
+    let mut cmd = proxy(&env, t);
     cmd.arg("--wait-timeout=3s");
     let out = run(cmd, Some(b""), LIMIT).await;
     let err = text(&out.stderr);
@@ -450,10 +848,10 @@ async fn row8_api_down_before_connecting() {
         "{err}"
     );
 }
+on_each_transport!(api_down_before_connecting_is_retried);
 
-/// Row 9: 50 sessions through 50 shims at once.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn row9_fifty_concurrent_sessions() {
+/// 50 sessions through 50 shims at once.
+async fn fifty_concurrent_sessions(t: Transport) {
     if !have_openssh() {
         return;
     }
@@ -475,7 +873,7 @@ async fn row9_fifty_concurrent_sessions() {
     });
     let mut tasks = Vec::new();
     for i in 0..50 {
-        let mut cmd = env.ssh("dev", "dev", "", "dev.coder");
+        let mut cmd = ssh(&env, t, "");
         cmd.arg(format!("echo session-{i}; sleep 2"));
         tasks.push(tokio::spawn(
             async move { (i, run(cmd, None, LIMIT).await) },
@@ -489,12 +887,13 @@ async fn row9_fifty_concurrent_sessions() {
     stop.store(true, Ordering::Relaxed);
     let (total, one, count) = sampler.join().unwrap();
     eprintln!(
-        "row9: 50 sessions ok; peak {count} shims alive, peak total RSS {:.1} MiB, peak single RSS {:.1} MiB",
+        "{t:?}: 50 sessions ok; peak {count} shims alive, peak total RSS {:.1} MiB, peak single RSS {:.1} MiB",
         total as f64 / 1024.0,
         one as f64 / 1024.0
     );
     assert!(count >= 10, "sessions did not overlap ({count})");
 }
+on_each_transport!(fifty_concurrent_sessions);
 
 /// VmRSS (KiB) of every running coder-proxy.
 fn proxy_rss_kib() -> Vec<u64> {
@@ -520,10 +919,8 @@ fn proxy_rss_kib() -> Vec<u64> {
     v
 }
 
-/// Row 10: an idle session for 5 minutes while the agent flaps, then used.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "takes 5 minutes; run with --ignored"]
-async fn row10_idle_five_minutes_with_flapping() {
+/// An idle session for 5 minutes while the agent flaps, then used.
+async fn idle_five_minutes_with_flapping(t: Transport) {
     if !have_openssh() {
         return;
     }
@@ -532,7 +929,7 @@ async fn row10_idle_five_minutes_with_flapping() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(300);
     let env = Env::new(vec![WorkspaceSpec::new("dev")]).await;
-    let mut cmd = env.ssh("dev", "dev", "", "dev.coder");
+    let mut cmd = ssh(&env, t, "");
     cmd.arg("read line; echo got:$line")
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
@@ -552,6 +949,10 @@ async fn row10_idle_five_minutes_with_flapping() {
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert_eq!(text(&out.stdout), "got:still-here\n");
 }
+on_each_transport!(
+    #[ignore = "takes 5 minutes; run with --ignored"]
+    idle_five_minutes_with_flapping
+);
 
 // ===========================================================================
 // Tailnet relay faults: the DERP relay connection dies silently, refuses

@@ -433,7 +433,13 @@ fn mutate(v: &mut Value, path: &[Index], new: Value) {
 /// panic; a failure is one line.
 fn use_workspace(ws: Workspace) -> Result<(), TestCaseError> {
     let _ = check_workspace(ws.clone());
-    let _ = coder_proxy::session::close_reason("6e0f1d2c-3b4a-5968-7a8b-9c0d1e2f3a4b", &ws);
+    let connected = coder_proxy::coderd::models::WorkspaceBuild {
+        id: "6e0f1d2c-3b4a-5968-7a8b-9c0d1e2f3a4b".into(),
+        build_number: 3,
+        ..Default::default()
+    };
+    let _ = coder_proxy::session::close_reason(&connected, &ws);
+    let _ = coder_proxy::session::close_reason(&ws.latest_build, &ws);
     let _ = ws.latest_build.agents();
     for agent in [None, Some("dev"), Some("nope")] {
         for autostart in [true, false] {

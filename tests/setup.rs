@@ -8,7 +8,7 @@ mod common;
 use std::os::unix::fs::PermissionsExt;
 use std::time::Duration;
 
-use coder_sim::{AgentSpec, ApiFault, WorkspaceSpec};
+use coder_sim::{AgentSpec, ApiFault, Route, WorkspaceSpec};
 use common::*;
 
 const LIMIT: Duration = Duration::from_secs(60);
@@ -445,4 +445,206 @@ async fn start_conflict_waits_for_the_other_start() {
         .map(|r| r.status)
         .collect::<Vec<_>>();
     assert_eq!(posts, vec![409], "exactly one build request, refused");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn autostart_build_request_is_retried_on_5xx() {
+    let env = Env::new(vec![WorkspaceSpec::new("dev")
+        .stopped()
+        .build_time(Duration::from_millis(300))])
+    .await;
+    // A load balancer in front of a restarting coderd.
+    env.sim
+        .fail_route(Route::CreateBuild, 502, Duration::from_secs(2));
+    let out = run(env.proxy("dev", "dev", "dev"), Some(BANNER), LIMIT).await;
+    assert_connected(&out);
+    let err = text(&out.stderr);
+    assert!(err.contains("retrying") && err.contains("502"), "{err}");
+    let posts = env
+        .sim
+        .request_log()
+        .into_iter()
+        .filter(|r| r.method == "POST" && r.path.ends_with("/builds"))
+        .map(|r| r.status)
+        .collect::<Vec<_>>();
+    assert!(
+        posts.len() >= 2 && posts[..posts.len() - 1].iter().all(|s| *s == 502),
+        "{posts:?}"
+    );
+    assert_eq!(posts.last(), Some(&201), "{posts:?}");
+}
+
+/// coder-proxy over tailnet with the given proxy environment (nothing
+/// inherited from the machine).
+fn tailnet_with_proxy_env(env: &Env, vars: &[(&str, String)]) -> tokio::process::Command {
+    let mut c = tokio::process::Command::new(PROXY);
+    c.arg("--global-config")
+        .arg(env.config_dir())
+        .args(["--tunnel", "tailnet", "dev"])
+        .env_remove("CODER_SESSION_TOKEN")
+        .env_remove("CODER_URL")
+        .kill_on_drop(true);
+    for v in [
+        "HTTP_PROXY",
+        "http_proxy",
+        "HTTPS_PROXY",
+        "https_proxy",
+        "ALL_PROXY",
+        "all_proxy",
+        "NO_PROXY",
+        "no_proxy",
+        "CODER_PROXY_PROXY_LOOPBACK",
+    ] {
+        c.env_remove(v);
+    }
+    for (k, v) in vars {
+        c.env(k, v);
+    }
+    c
+}
+
+/// A proxy that refuses — 407 without or with wrong credentials, 403, or
+/// nothing listening — fails the connection at once with one line that
+/// names the proxy (never its credentials), exit 1, nothing on stdout;
+/// over `http://` (REST through the proxy) and `https://` (CONNECT).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proxy_refusals_fail_at_once_naming_the_proxy() {
+    use common::proxy::{free_port, have_tinyproxy, ProxyOptions, Tinyproxy};
+    if !have_tinyproxy() {
+        return;
+    }
+    let env = Env::new(vec![WorkspaceSpec::new("dev")]).await;
+    let authed = Tinyproxy::start(ProxyOptions {
+        basic_auth: Some(("proxyuser".into(), "right-pw".into())),
+        ..Default::default()
+    })
+    .await;
+    let denying = Tinyproxy::start(ProxyOptions {
+        deny_all: true,
+        ..Default::default()
+    })
+    .await;
+    let closed = format!("127.0.0.1:{}", free_port());
+    let cases = [
+        (authed.url(None), authed.addr(), "407"),
+        (
+            authed.url(Some(("proxyuser", "wrong-pw"))),
+            authed.addr(),
+            "rejected",
+        ),
+        (denying.url(None), denying.addr(), "403"),
+        (format!("http://{closed}"), closed.clone(), "cannot reach"),
+    ];
+    for deployment in [env.sim.url(), "https://127.0.0.1:9".to_string()] {
+        for (proxy_url, addr, needle) in &cases {
+            let var = if deployment.starts_with("https") {
+                "HTTPS_PROXY"
+            } else {
+                "HTTP_PROXY"
+            };
+            let mut c = tailnet_with_proxy_env(
+                &env,
+                &[
+                    (var, proxy_url.clone()),
+                    ("CODER_PROXY_PROXY_LOOPBACK", "1".into()),
+                ],
+            );
+            c.arg("--url").arg(&deployment).arg("--wait-timeout=5m");
+            let started = std::time::Instant::now();
+            let out = run(c, Some(BANNER), LIMIT).await;
+            let err = assert_fails(&out, 1, addr);
+            eprintln!("{deployment}: {}", err.trim_end());
+            assert!(
+                err.contains(needle),
+                "{deployment} via {addr}: want {needle:?} in {err}"
+            );
+            assert!(err.contains("proxy"), "{err}");
+            assert!(
+                !err.contains("wrong-pw") && !err.contains("right-pw"),
+                "{err}"
+            );
+            assert!(
+                started.elapsed() < Duration::from_secs(15),
+                "{deployment} via {addr}: took {:?}",
+                started.elapsed()
+            );
+        }
+    }
+}
+
+/// A proxy variable that applies but names no proxy we can speak to (SOCKS,
+/// TLS to the proxy) fails at once with one line, credentials masked; one
+/// that does not apply to the deployment changes nothing (the unit tests
+/// cover `ALL_PROXY=socks5://…` beside an `HTTPS_PROXY`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unusable_proxy_variables_fail_only_where_they_apply() {
+    let env = Env::new(vec![WorkspaceSpec::new("dev")]).await;
+    let loopback = ("CODER_PROXY_PROXY_LOOPBACK", "1".to_string());
+    for (value, needle) in [
+        (
+            "socks5://user:pw-secret@127.0.0.1:1080",
+            "only HTTP proxies",
+        ),
+        ("https://user:pw-secret@127.0.0.1:3129", "TLS to the proxy"),
+    ] {
+        let c = tailnet_with_proxy_env(&env, &[("HTTP_PROXY", value.into()), loopback.clone()]);
+        let out = run(c, Some(BANNER), LIMIT).await;
+        let err = assert_fails(&out, 1, needle);
+        assert!(
+            err.contains("HTTP_PROXY=") && err.contains("***@127.0.0.1"),
+            "{err}"
+        );
+        assert!(!err.contains("pw-secret"), "{err}");
+    }
+    // A loopback deployment without the opt-in uses no proxy at all.
+    let c = tailnet_with_proxy_env(&env, &[("ALL_PROXY", "socks5://127.0.0.1:1080".into())]);
+    assert_connected(&run(c, Some(BANNER), LIMIT).await);
+}
+
+/// Like Go's net/http (and so `coder`), a deployment on a loopback address
+/// is reached directly even with a proxy set — unless
+/// `CODER_PROXY_PROXY_LOOPBACK=1` asks for the proxy (a local debugging
+/// proxy such as mitmproxy). `NO_PROXY` entries match host suffixes and
+/// `host:port`, as Go's and curl's do.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn loopback_and_no_proxy_bypass_the_proxy() {
+    let env = Env::new(vec![WorkspaceSpec::new("dev")]).await;
+    let dead = format!("http://127.0.0.1:{}", common::proxy::free_port());
+    let sim_port: u16 = env
+        .sim
+        .url()
+        .rsplit(':')
+        .next()
+        .and_then(|p| p.parse().ok())
+        .unwrap();
+    // Loopback: direct by default.
+    let c = tailnet_with_proxy_env(
+        &env,
+        &[("HTTP_PROXY", dead.clone()), ("HTTPS_PROXY", dead.clone())],
+    );
+    assert_connected(&run(c, Some(BANNER), LIMIT).await);
+    // Opted in, NO_PROXY naming this host and port: still direct.
+    let c = tailnet_with_proxy_env(
+        &env,
+        &[
+            ("HTTP_PROXY", dead.clone()),
+            ("CODER_PROXY_PROXY_LOOPBACK", "1".into()),
+            ("no_proxy", format!("example.com, 127.0.0.1:{sim_port}")),
+        ],
+    );
+    assert_connected(&run(c, Some(BANNER), LIMIT).await);
+    // A NO_PROXY entry for another port does not match: the dead proxy is used.
+    let c = tailnet_with_proxy_env(
+        &env,
+        &[
+            ("http_proxy", dead.clone()),
+            ("CODER_PROXY_PROXY_LOOPBACK", "1".into()),
+            (
+                "NO_PROXY",
+                format!("127.0.0.1:{}", sim_port.wrapping_add(1)),
+            ),
+        ],
+    );
+    let out = run(c, Some(BANNER), LIMIT).await;
+    assert_fails(&out, 1, dead.trim_start_matches("http://"));
 }

@@ -162,7 +162,10 @@ async fn gate(State(s): S, req: Request, next: Next) -> Response {
         log.len() - 1
     };
     let path = req.uri().path();
-    let response = if path == "/api/v2" || path.starts_with("/api/v2/") {
+    let route_fault = route_fault(&s, req.method().as_str(), path);
+    let response = if let Some(status) = route_fault {
+        lb_error_page(status)
+    } else if path == "/api/v2" || path.starts_with("/api/v2/") {
         let fault = *lock(&s.fault);
         match fault {
             ApiFault::Hang => std::future::pending::<Response>().await,
@@ -197,6 +200,35 @@ async fn gate(State(s): S, req: Request, next: Next) -> Response {
         e.status = response.status().as_u16();
     }
     response
+}
+
+/// The status a live [`Shared::route_faults`] entry gives `path`, if any.
+fn route_fault(s: &Shared, method: &str, path: &str) -> Option<u16> {
+    let mut faults = lock(&s.route_faults);
+    let now = std::time::Instant::now();
+    faults.retain(|(_, _, until)| *until > now);
+    faults
+        .iter()
+        .find(|(route, _, _)| route.matches(method, path))
+        .map(|(_, status, _)| *status)
+}
+
+/// What nginx in front of a restarting coderd answers: HTML, not Coder JSON.
+fn lb_error_page(status: u16) -> Response {
+    let code = StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_GATEWAY);
+    let title = format!(
+        "{} {}",
+        code.as_u16(),
+        code.canonical_reason().unwrap_or("Error")
+    );
+    (
+        code,
+        [(header::CONTENT_TYPE, "text/html")],
+        format!(
+            "<html>\r\n<head><title>{title}</title></head>\r\n<body>\r\n<center><h1>{title}</h1></center>\r\n<hr><center>nginx</center>\r\n</body>\r\n</html>\r\n"
+        ),
+    )
+        .into_response()
 }
 
 async fn not_found() -> Response {
@@ -307,6 +339,19 @@ fn data_frame(s: &Shared, ws_id: Uuid) -> Option<Bytes> {
     Some(Bytes::from(frame))
 }
 
+/// The previous build shown as stopped, as a data frame (the stale-replay fault).
+fn stale_stop_frame(s: &Shared, ws_id: Uuid) -> Option<Bytes> {
+    let w = lock(&s.world);
+    let ws = w.render_previous_as_stopped(w.ws_by_id(ws_id)?)?;
+    let mut frame = b"event: data\ndata: ".to_vec();
+    serde_json::to_writer(&mut frame, &ws).ok()?;
+    frame.extend_from_slice(b"\n\n");
+    Some(Bytes::from(frame))
+}
+
+/// Pause between the stale replay and the current snapshot.
+const STALE_REPLAY_GAP: Duration = Duration::from_millis(500);
+
 const PING: &[u8] = b"event: ping\n\n";
 
 /// `GET /workspaces/{id}/watch`: Server-Sent Events as coderd frames them.
@@ -322,15 +367,30 @@ async fn watch(State(s): S, Path(id): Path<String>) -> ApiResult {
     s.watchers.fetch_add(1, Ordering::SeqCst);
     let guard = WatcherGuard(s.clone());
     let heartbeat = s.opts.heartbeat.max(Duration::from_millis(10));
+    let stale_first = s.watch_replay_stale.load(Ordering::SeqCst);
     let me = s.clone();
     s.spawn(async move {
         let _guard = guard;
         if tx.send(Ok(Bytes::from_static(PING))).await.is_err() {
             return;
         }
+        if stale_first {
+            if let Some(frame) = stale_stop_frame(&me, id) {
+                if tx.send(Ok(frame)).await.is_err() {
+                    return;
+                }
+                me.stale_replays[0].fetch_add(1, Ordering::SeqCst);
+                // Long enough for a client to act on the stale snapshot
+                // before the current one replaces it.
+                tokio::time::sleep(STALE_REPLAY_GAP).await;
+            }
+        }
         if let Some(frame) = data_frame(&me, id) {
             if tx.send(Ok(frame)).await.is_err() {
                 return;
+            }
+            if stale_first {
+                me.stale_replays[1].fetch_add(1, Ordering::SeqCst);
             }
         }
         let mut ticker =

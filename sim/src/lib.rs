@@ -4,7 +4,9 @@
 //! stream that `coder ssh --stdio` uses, with JSON shaped like the real
 //! thing, and puts one TCP endpoint with an SSH server behind each agent.
 //! Tests script state changes (builds, agent status and lifecycle, stops,
-//! deletes) and faults (error statuses, hangs, non-JSON, cut watch streams)
+//! deletes) and faults (error statuses, hangs, non-JSON, cut watch streams,
+//! a coordinate endpoint answering 502 for a while, watch streams that
+//! replay a stale snapshot first)
 //! and read back what the server saw.
 //!
 //! Modules: [`spec`] (what tests ask for), [`model`] (wire JSON), `state`
@@ -30,5 +32,5 @@ pub use endpoint::SshBackend;
 pub use model::{AgentStatus, Lifecycle};
 pub use sim::Sim;
 pub use spec::{
-    AgentSpec, ApiFault, Initial, LoggedRequest, ScriptSpec, SimOptions, WorkspaceSpec,
+    AgentSpec, ApiFault, Initial, LoggedRequest, Route, ScriptSpec, SimOptions, WorkspaceSpec,
 };

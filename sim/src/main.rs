@@ -10,7 +10,7 @@ use std::time::Duration;
 use anyhow::{bail, Context as _};
 use clap::{Parser, Subcommand};
 use coder_sim::{
-    AgentSpec, AgentStatus, ApiFault, Initial, Lifecycle, PeerUpdateKind, Sim, SimOptions,
+    AgentSpec, AgentStatus, ApiFault, Initial, Lifecycle, PeerUpdateKind, Route, Sim, SimOptions,
     SshBackend, WorkspaceSpec,
 };
 use tokio::io::AsyncBufReadExt;
@@ -38,7 +38,10 @@ enum Cmd {
     /// tailnet: `drop-coordinate`, `restart-derp`,
     /// `peer-update WS AGENT lost|disconnected`, `rfh-delay MS|never`,
     /// `force-websockets on|off`, `freeze-derp WS AGENT`, `drop-derp WS AGENT`,
-    /// `refuse-derp SECS`, `reset-tailnet WS AGENT`.
+    /// `refuse-derp SECS`, `reset-tailnet WS AGENT`;
+    /// `fail-route coordinate|connection|builds CODE SECS`;
+    /// `watch-replay-stale on|off` (new watch streams replay the previous
+    /// build as stopped first).
     Serve(ServeArgs),
     /// Run the README demo: ssh through coder-proxy into a simulated workspace.
     Demo {
@@ -271,6 +274,28 @@ fn control(sim: &Sim, line: &str) -> anyhow::Result<Option<String>> {
             })?)),
         }),
         ["force-websockets", on] => sim.set_derp_force_websockets(match *on {
+            "on" => true,
+            "off" => false,
+            other => bail!("want on or off, not {other:?}"),
+        }),
+        ["fail-route", route, code, secs] => {
+            let route = match *route {
+                "coordinate" => Route::Coordinate,
+                "connection" => Route::Connection,
+                "builds" => Route::CreateBuild,
+                other => bail!("unknown route {other:?} (want coordinate, connection or builds)"),
+            };
+            let code: u16 = code
+                .parse()
+                .ok()
+                .filter(|c| (100..=599).contains(c))
+                .with_context(|| format!("not a status code: {code:?}"))?;
+            let secs: u64 = secs
+                .parse()
+                .with_context(|| format!("not a number of seconds: {secs:?}"))?;
+            sim.fail_route(route, code, Duration::from_secs(secs));
+        }
+        ["watch-replay-stale", on] => sim.set_watch_replays_stale_stop(match *on {
             "on" => true,
             "off" => false,
             other => bail!("want on or off, not {other:?}"),

@@ -17,7 +17,7 @@ use uuid::Uuid;
 
 use crate::endpoint::AgentEndpoint;
 use crate::model::{AgentStatus, Lifecycle, Transition};
-use crate::spec::{ApiFault, LoggedRequest, SimOptions, WorkspaceSpec};
+use crate::spec::{ApiFault, LoggedRequest, Route, SimOptions, WorkspaceSpec};
 use crate::state::{lock, Shared, World};
 use crate::tailnet::{self, Tailnet};
 use coder_tailnet::derp::{DerpServer, NodePublic};
@@ -145,6 +145,9 @@ impl Sim {
             tasks: Mutex::new(Vec::new()),
             tailnet,
             race_next_build: std::sync::atomic::AtomicBool::new(false),
+            route_faults: Mutex::new(Vec::new()),
+            watch_replay_stale: std::sync::atomic::AtomicBool::new(false),
+            stale_replays: [AtomicUsize::new(0), AtomicUsize::new(0)],
         });
         lock(&shared.world).user_id("alice");
         let app = crate::api::router(shared.clone());
@@ -330,6 +333,42 @@ impl Sim {
     /// Applies to every `/api/v2` request from now on.
     pub fn set_api_fault(&self, f: ApiFault) {
         *lock(&self.shared.fault) = f;
+    }
+
+    /// For the next `dur`, `route` answers `status` with a load balancer's
+    /// HTML error page (as one in front of a restarting coderd does), before
+    /// auth and before any upgrade; other routes are unaffected. A later call
+    /// for the same route replaces the earlier one; `Duration::ZERO` clears it.
+    pub fn fail_route(&self, route: Route, status: u16, dur: Duration) {
+        let mut f = lock(&self.shared.route_faults);
+        f.retain(|(r, _, _)| *r != route);
+        if !dur.is_zero() {
+            f.push((route, status, std::time::Instant::now() + dur));
+        }
+    }
+
+    /// When on, every watch stream opened from now on first sends the
+    /// workspace with its *previous* build shown as a succeeded stop
+    /// (`stopped`), then, after a pause, the current state: the ordering a
+    /// client sees when a replayed, stale snapshot arrives first. Streams
+    /// already open are unaffected.
+    pub fn set_watch_replays_stale_stop(&self, on: bool) {
+        self.shared
+            .watch_replay_stale
+            .store(on, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Watch streams that have sent the first frame of a stale replay (the
+    /// previous build as stopped).
+    pub fn stale_replays_begun(&self) -> usize {
+        self.shared.stale_replays[0].load(Ordering::SeqCst)
+    }
+
+    /// Watch streams that have sent both frames of a stale replay (the
+    /// previous build as stopped, then the current state); a client that
+    /// hung up on the stale frame never gets the second.
+    pub fn stale_replays_delivered(&self) -> usize {
+        self.shared.stale_replays[1].load(Ordering::SeqCst)
     }
 
     /// Ends every open watch stream now, abruptly (no final chunk).

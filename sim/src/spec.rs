@@ -287,6 +287,42 @@ pub enum ApiFault {
     NonJson,
 }
 
+/// An endpoint [`crate::Sim::fail_route`] can make fail for a while.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Route {
+    /// `GET /api/v2/workspaceagents/{id}/coordinate` (the websocket upgrade).
+    Coordinate,
+    /// `GET /api/v2/workspaceagents/{id}/connection` (the DERP map).
+    Connection,
+    /// `POST /api/v2/workspaces/{id}/builds` (start, stop, delete).
+    CreateBuild,
+}
+
+impl Route {
+    /// Whether a request is to this route.
+    pub fn matches(self, method: &str, path: &str) -> bool {
+        let one_segment = |rest: &str, tail: &str| {
+            rest.strip_suffix(tail)
+                .is_some_and(|id| !id.is_empty() && !id.contains('/'))
+        };
+        match self {
+            Route::Coordinate => path
+                .strip_prefix("/api/v2/workspaceagents/")
+                .is_some_and(|r| one_segment(r, "/coordinate")),
+            // `{id}/connection`, not `connection` (the Coder Connect check).
+            Route::Connection => path
+                .strip_prefix("/api/v2/workspaceagents/")
+                .is_some_and(|r| one_segment(r, "/connection")),
+            Route::CreateBuild => {
+                method == "POST"
+                    && path
+                        .strip_prefix("/api/v2/workspaces/")
+                        .is_some_and(|r| one_segment(r, "/builds"))
+            }
+        }
+    }
+}
+
 /// One request the simulator received.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct LoggedRequest {

@@ -22,7 +22,7 @@ use uuid::Uuid;
 
 use crate::endpoint::AgentEndpoint;
 use crate::model::{self, AgentStatus, JobStatus, Lifecycle, Time, Transition, WorkspaceStatus};
-use crate::spec::{AgentSpec, ApiFault, Initial, LoggedRequest, SimOptions, WorkspaceSpec};
+use crate::spec::{AgentSpec, ApiFault, Initial, LoggedRequest, Route, SimOptions, WorkspaceSpec};
 use crate::tailnet::{AgentInfo, Tailnet};
 
 /// Locks a mutex, ignoring poisoning: a panicked test task must not turn
@@ -87,6 +87,15 @@ pub(crate) struct Shared {
     /// Set by `Sim::race_next_build`: the next build request loses a race
     /// against another client's start.
     pub race_next_build: std::sync::atomic::AtomicBool,
+    /// Tailnet routes answering an error status until a deadline
+    /// (`Sim::fail_route`).
+    pub route_faults: Mutex<Vec<(Route, u16, std::time::Instant)>>,
+    /// Every new watch stream first replays the previous build as stopped
+    /// (`Sim::set_watch_replays_stale_stop`).
+    pub watch_replay_stale: std::sync::atomic::AtomicBool,
+    /// Stale replays begun (the stale frame sent) and delivered in full
+    /// (the current frame sent after it).
+    pub stale_replays: [AtomicUsize; 2],
 }
 
 pub(crate) struct User {
@@ -671,6 +680,22 @@ impl World {
             favorite: false,
             next_start_at: None,
         })
+    }
+
+    /// The workspace as it looked one build ago, shown stopped: the
+    /// previous build rendered as a succeeded stop (for the stale-replay
+    /// watch fault). `None` while there is no previous build.
+    pub fn render_previous_as_stopped(&self, ws: usize) -> Option<model::Workspace> {
+        let builds = &self.workspaces.get(ws)?.builds;
+        let prev = self.builds.get(builds.iter().rev().nth(1)?)?;
+        let mut out = self.render_workspace(ws)?;
+        let mut b = self.render_build(prev)?;
+        b.transition = Transition::Stop;
+        b.job.status = JobStatus::Succeeded;
+        b.status = WorkspaceStatus::Stopped;
+        b.resources.retain(|r| r.agents.is_empty());
+        out.latest_build = b;
+        Some(out)
     }
 
     pub fn render_build(&self, b: &BuildRec) -> Option<model::WorkspaceBuild> {

@@ -6,14 +6,18 @@
 //! transient so callers can retry them, while answers that will not change on
 //! a retry (4xx, an untrusted certificate, a body that is not the JSON we
 //! asked for) fail at once. Text a server sends back is scrubbed of the
-//! session token before it reaches a message. The watch stream lives in
-//! [`watch`].
+//! session token before it reaches a message. Requests go through the HTTP
+//! proxy the environment names ([`crate::proxy`]; reqwest's own environment
+//! lookup is off so one policy covers REST, websockets and DERP), and a
+//! proxy that refuses is reported as the proxy's doing. The watch stream
+//! lives in [`watch`].
 
 pub mod models;
 pub mod sse;
 pub mod watch;
 
 use std::fmt;
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::StreamExt;
@@ -22,6 +26,7 @@ use reqwest::{Method, StatusCode};
 use serde::de::DeserializeOwned;
 use url::Url;
 
+use crate::proxy::{ProxyEnv, ProxyError};
 use crate::settings::Settings;
 use models::*;
 
@@ -68,6 +73,9 @@ pub enum ApiError {
     /// A redirect pointed at another origin; we refuse to follow it with the token.
     #[error("coderd redirected to another origin ({location}); refusing to send the session token there: set --url or CODER_URL to the deployment's real address")]
     Redirect { location: String },
+    /// The HTTP proxy in front of coderd failed or refused.
+    #[error(transparent)]
+    Proxy(#[from] ProxyError),
 }
 
 fn status_text(
@@ -104,6 +112,7 @@ impl ApiError {
         match self {
             ApiError::Status { status, .. } => *status >= 500 || *status == 429,
             ApiError::Transport { .. } | ApiError::Truncated { .. } => true,
+            ApiError::Proxy(p) => p.is_transient(),
             ApiError::Tls { .. } | ApiError::Body { .. } | ApiError::Redirect { .. } => false,
         }
     }
@@ -127,6 +136,8 @@ pub struct Client {
     /// Token and `--header`s, for connections reqwest does not make
     /// (websocket and DERP upgrades).
     upgrade_headers: Vec<(HeaderName, HeaderValue)>,
+    /// The HTTP proxies from the environment, for every connection.
+    proxies: Arc<ProxyEnv>,
 }
 
 impl fmt::Debug for Client {
@@ -165,6 +176,20 @@ impl Client {
                 crate::tls::rest_config().map_err(|e| anyhow::anyhow!("cannot set up TLS: {e}"))?,
             );
         }
+        let proxies = Arc::new(settings.proxy.clone());
+        builder = if proxies.is_empty() {
+            builder.no_proxy()
+        } else {
+            let p = proxies.clone();
+            // REST only goes to the deployment's origin, whose proxy
+            // Settings checked; an unusable one cannot appear here.
+            builder.proxy(reqwest::Proxy::custom(move |url| {
+                p.for_url(url)
+                    .ok()
+                    .flatten()
+                    .map(|proxy| proxy.url_with_credentials())
+            }))
+        };
         let http = builder
             .build()
             .map_err(|e| anyhow::anyhow!("cannot set up the HTTP client: {}", error_chain(&e)))?;
@@ -177,7 +202,13 @@ impl Client {
                 .iter()
                 .map(|(k, v)| (k.clone(), v.clone()))
                 .collect(),
+            proxies,
         })
+    }
+
+    /// The HTTP proxy settings every connection to the deployment follows.
+    pub fn proxies(&self) -> &Arc<ProxyEnv> {
+        &self.proxies
     }
 
     /// The deployment URL.
@@ -208,15 +239,19 @@ impl Client {
             if let Some(b) = &body {
                 req = req.json(b);
             }
-            let resp = req.send().await.map_err(|e| self.transport(&e))?;
+            let resp = match req.send().await {
+                Ok(r) => r,
+                Err(e) => return Err(self.send_error(&e, &url).await),
+            };
             self.check_redirect(&resp)?;
+            self.check_proxy_auth(&url, &resp)?;
             let status = resp.status();
             if status.is_success() {
                 Ok((status, read_capped(resp, MAX_BODY, &what).await?))
             } else {
                 let ctype = content_type(&resp);
                 let bytes = read_prefix(resp, MAX_ERROR_BODY).await;
-                Err(self.error_from(&what, status, &ctype, &bytes))
+                Err(self.error_from(&url, &what, status, &ctype, &bytes))
             }
         };
         let r = match tokio::time::timeout(self.timeout, fut).await {
@@ -243,6 +278,49 @@ impl Client {
     async fn get_json<T: DeserializeOwned>(&self, path: &str) -> Result<T, ApiError> {
         let (_, body) = self.call(Method::GET, path, None).await?;
         self.decode(&format!("GET {}", strip_query(path)), &body)
+    }
+
+    /// Why sending a request failed: the proxy's doing when the request
+    /// went through one and never got past it, else [`Self::transport`].
+    async fn send_error(&self, e: &reqwest::Error, url: &Url) -> ApiError {
+        if let Ok(Some(proxy)) = self.proxies.for_url(url) {
+            if e.is_connect() {
+                let chain = error_chain(e);
+                // hyper-util's tunnel errors are not exported; their text is
+                // stable ("tunnel error: …").
+                if chain.contains("tunnel error: proxy authorization required") {
+                    return ProxyError::auth(proxy).into();
+                }
+                if chain.contains("tunnel error: unsuccessful") {
+                    // The CONNECT got a non-2xx answer reqwest does not
+                    // pass on: ask the proxy ourselves to learn which.
+                    return self.probe_proxy(proxy, url).await;
+                }
+                // No TCP connection to the proxy itself: for https the
+                // tunnel says so; for http the proxy is all we connect to.
+                // (A TLS failure after a good tunnel is coderd's: below.)
+                let to_proxy = chain
+                    .contains("tunnel error: failed to create underlying connection")
+                    || (url.scheme() == "http" && !chain.contains("tunnel error"));
+                if to_proxy {
+                    return ProxyError::unreachable(proxy, self.scrubbed(&chain, 300)).into();
+                }
+            }
+        }
+        self.transport(e)
+    }
+
+    /// CONNECT through `proxy` to `url`'s host to learn why a tunnel failed.
+    async fn probe_proxy(&self, proxy: &crate::proxy::Proxy, url: &Url) -> ApiError {
+        let host = url.host_str().unwrap_or("").trim_matches(['[', ']']);
+        let port = url.port_or_known_default().unwrap_or(443);
+        match crate::proxy::connect_within(proxy, host, port, CONNECT_TIMEOUT).await {
+            Err(e) => e.into(),
+            // Refused once, allowed now: a proxy having a moment.
+            Ok(_) => {
+                ProxyError::broken(proxy, "it refused a tunnel, then allowed one".into()).into()
+            }
+        }
     }
 
     fn transport(&self, e: &reqwest::Error) -> ApiError {
@@ -309,7 +387,15 @@ impl Client {
     /// coderd always explains an error with its JSON; a 4xx without it comes
     /// from something else (a wrong `--url`, a proxy, a login portal) and is
     /// reported as such rather than as, say, "workspace not found".
-    fn error_from(&self, what: &str, status: StatusCode, ctype: &str, body: &[u8]) -> ApiError {
+    fn error_from(
+        &self,
+        url: &Url,
+        what: &str,
+        status: StatusCode,
+        ctype: &str,
+        body: &[u8],
+    ) -> ApiError {
+        let proxy = self.proxies.for_url(url).ok().flatten();
         let helper = (status == StatusCode::UNAUTHORIZED).then(|| {
             format!(
                 "Try logging in using 'coder login {}'",
@@ -333,7 +419,7 @@ impl Client {
                 };
             }
         }
-        let got = if body.trim_ascii().is_empty() {
+        let mut got = if body.trim_ascii().is_empty() {
             "an empty body".to_string()
         } else {
             format!(
@@ -341,6 +427,10 @@ impl Client {
                 self.scrubbed(&String::from_utf8_lossy(body), 120)
             )
         };
+        // Not coderd's answer: perhaps the proxy's.
+        if let Some(p) = proxy {
+            got.push_str(&format!(", through the HTTP proxy {}", p.addr()));
+        }
         if code == 401 || code == 429 || code >= 500 {
             return ApiError::Status {
                 status: code,
@@ -350,11 +440,43 @@ impl Client {
                 helper,
             };
         }
+        if let Some(p) = proxy {
+            return ApiError::Body {
+                what: what.to_string(),
+                cause: format!(
+                    "HTTP {code} {reason} from the HTTP proxy {} (from {}) or a server behind it, not Coder's JSON ({ctype:?}: {}); check {} and NO_PROXY",
+                    p.addr(),
+                    p.var,
+                    self.scrubbed(&String::from_utf8_lossy(body), 80),
+                    p.var
+                ),
+            };
+        }
         ApiError::Body {
             what: what.to_string(),
             cause: format!(
                 "HTTP {code} {reason} with {got}; is --url the Coder deployment's address?"
             ),
+        }
+    }
+
+    /// Through a proxy (plain-http deployments, where the request itself
+    /// goes to the proxy), a 407 — or a 401 with a Basic challenge, which
+    /// tinyproxy sends for wrong credentials and coderd never does — is the
+    /// proxy asking for credentials.
+    fn check_proxy_auth(&self, url: &Url, resp: &reqwest::Response) -> Result<(), ApiError> {
+        let Ok(Some(proxy)) = self.proxies.for_url(url) else {
+            return Ok(());
+        };
+        let basic_challenge = resp
+            .headers()
+            .get(reqwest::header::WWW_AUTHENTICATE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.trim_start().to_ascii_lowercase().starts_with("basic"));
+        match resp.status() {
+            StatusCode::PROXY_AUTHENTICATION_REQUIRED => Err(ProxyError::auth(proxy).into()),
+            StatusCode::UNAUTHORIZED if basic_challenge => Err(ProxyError::auth(proxy).into()),
+            _ => Ok(()),
         }
     }
 
@@ -486,21 +608,25 @@ impl Client {
     pub(crate) async fn open_watch(&self, id: &str) -> Result<reqwest::Response, ApiError> {
         let url = self.url(&format!("/api/v2/workspaces/{}/watch", seg(id)))?;
         let fut = async {
-            let resp = self
+            let resp = match self
                 .http
-                .get(url)
+                .get(url.clone())
                 .header("Accept", "text/event-stream")
                 .send()
                 .await
-                .map_err(|e| self.transport(&e))?;
+            {
+                Ok(r) => r,
+                Err(e) => return Err(self.send_error(&e, &url).await),
+            };
             self.check_redirect(&resp)?;
+            self.check_proxy_auth(&url, &resp)?;
             let status = resp.status();
             if status.is_success() {
                 return Ok(resp);
             }
             let ctype = content_type(&resp);
             let bytes = read_prefix(resp, MAX_ERROR_BODY).await;
-            Err(self.error_from("watch", status, &ctype, &bytes))
+            Err(self.error_from(&url, "watch", status, &ctype, &bytes))
         };
         tokio::time::timeout(self.timeout, fut)
             .await

@@ -1,14 +1,16 @@
-//! Dialing for the native tailnet transport: TCP, TLS with the system's
-//! roots, and websocket upgrades carrying the session token and `--header`s.
+//! Dialing for the native tailnet transport: TCP (directly or through an
+//! HTTP proxy's `CONNECT`), TLS with the system's roots, and websocket
+//! upgrades carrying the session token and `--header`s.
 //!
 //! reqwest covers the REST calls; the coordinate websocket and the DERP
 //! relay need a raw upgraded connection, so they are dialed here with the
-//! same TLS stack (rustls + ring) and the same trust store.
+//! same TLS stack (rustls + ring), the same trust store and the same proxy
+//! policy ([`crate::proxy`]). Failures come back as a typed [`DialError`]
+//! that says whether a retry can help.
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{anyhow, bail, Context, Result};
 use reqwest::header::{HeaderName, HeaderValue};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
@@ -18,7 +20,9 @@ use url::Url;
 
 use coder_tailnet::ws::WsStream;
 
-/// Bound on TCP connect + TLS + upgrade.
+use crate::proxy::{ProxyEnv, ProxyError};
+
+/// Bound on TCP connect (+ CONNECT) + TLS, and separately on the upgrade.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// A byte stream we can hand to yamux or DERP.
@@ -28,93 +32,342 @@ impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> Io for T {}
 /// A boxed [`Io`].
 pub type BoxIo = Box<dyn Io>;
 
-fn tls_config() -> Result<Arc<rustls::ClientConfig>> {
-    crate::tls::upgrade_config().map_err(|e| anyhow!(e))
+/// Why a connection to coderd or a relay failed.
+#[derive(Debug, thiserror::Error)]
+pub enum DialError {
+    /// No TCP connection (refused, unresolvable, unreachable).
+    #[error("connect {addr}: {cause}")]
+    Connect { addr: String, cause: String },
+    /// Connect, TLS or the upgrade took longer than [`CONNECT_TIMEOUT`].
+    #[error("{what}: timed out after {}s", CONNECT_TIMEOUT.as_secs())]
+    Timeout { what: String },
+    /// The TLS handshake failed; `permanent` when the certificate (or the
+    /// lack of TLS on the other end) is the problem rather than the network.
+    #[error("TLS handshake with {host}: {cause}")]
+    Tls {
+        host: String,
+        cause: String,
+        permanent: bool,
+    },
+    /// Going through the HTTP proxy failed.
+    #[error(transparent)]
+    Proxy(#[from] ProxyError),
+    /// The server answered the upgrade with an error status.
+    #[error("the websocket upgrade of {path} was refused: HTTP {status} {reason}{detail}")]
+    Refused {
+        path: String,
+        status: u16,
+        reason: String,
+        /// `: message` from a Coder error body, or empty.
+        detail: String,
+    },
+    /// The upgrade broke off (I/O error, a malformed answer).
+    #[error("websocket upgrade of {path}: {cause}")]
+    Handshake { path: String, cause: String },
+    /// We could not even build the request (a bad header or URL).
+    #[error("{0}")]
+    Invalid(String),
 }
 
-/// TCP (and TLS for `https`/`wss`) to `host:port`, verifying `tls_name`.
-pub async fn connect(tls: bool, dial_host: &str, port: u16, tls_name: &str) -> Result<BoxIo> {
+impl DialError {
+    /// Whether trying again later can succeed: network trouble, timeouts,
+    /// 5xx and 429 can; a refusal (4xx), a bad certificate, a refusing
+    /// proxy or a request we cannot build cannot.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            DialError::Connect { .. } | DialError::Timeout { .. } | DialError::Handshake { .. } => {
+                true
+            }
+            DialError::Tls { permanent, .. } => !permanent,
+            DialError::Proxy(p) => p.is_transient(),
+            DialError::Refused { status, .. } => *status >= 500 || *status == 429,
+            DialError::Invalid(_) => false,
+        }
+    }
+
+    /// The HTTP status of a refused upgrade.
+    pub fn status(&self) -> Option<u16> {
+        match self {
+            DialError::Refused { status, .. } => Some(*status),
+            _ => None,
+        }
+    }
+}
+
+fn tls_config() -> Result<Arc<rustls::ClientConfig>, DialError> {
+    crate::tls::upgrade_config().map_err(DialError::Invalid)
+}
+
+/// TCP (and TLS for `https`/`wss`) to `dial_host:port`, verifying
+/// `tls_name`, through the proxy `proxies` chooses for `tls_name:port`.
+pub async fn connect(
+    proxies: &ProxyEnv,
+    tls: bool,
+    dial_host: &str,
+    port: u16,
+    tls_name: &str,
+) -> Result<BoxIo, DialError> {
+    let addr = if dial_host.contains(':') {
+        format!("[{dial_host}]:{port}")
+    } else {
+        format!("{dial_host}:{port}")
+    };
+    let proxy = proxies
+        .for_target(if tls { "https" } else { "http" }, tls_name, port)
+        .map_err(DialError::Invalid)?;
     let fut = async {
-        let tcp = TcpStream::connect((dial_host, port))
-            .await
-            .with_context(|| format!("connect {dial_host}:{port}"))?;
-        tcp.set_nodelay(true).ok();
+        let tcp = match proxy {
+            Some(p) => crate::proxy::connect(p, dial_host, port).await?,
+            None => {
+                let tcp = TcpStream::connect((dial_host, port)).await.map_err(|e| {
+                    DialError::Connect {
+                        addr: addr.clone(),
+                        cause: e.to_string(),
+                    }
+                })?;
+                tcp.set_nodelay(true).ok();
+                tcp
+            }
+        };
         if !tls {
             return Ok(Box::new(tcp) as BoxIo);
         }
         let name = rustls::pki_types::ServerName::try_from(tls_name.to_string())
-            .map_err(|_| anyhow!("invalid TLS server name {tls_name:?}"))?;
+            .map_err(|_| DialError::Invalid(format!("invalid TLS server name {tls_name:?}")))?;
         let conn = tokio_rustls::TlsConnector::from(tls_config()?)
             .connect(name, tcp)
             .await
-            .with_context(|| format!("TLS handshake with {tls_name}"))?;
+            .map_err(|e| tls_error(tls_name, e))?;
         Ok(Box::new(conn) as BoxIo)
     };
-    tokio::time::timeout(CONNECT_TIMEOUT, fut)
-        .await
-        .map_err(|_| anyhow!("connect {dial_host}:{port}: timed out"))?
+    match tokio::time::timeout(CONNECT_TIMEOUT, fut).await {
+        Ok(r) => r,
+        Err(_) => Err(match proxy {
+            Some(p) => DialError::Proxy(ProxyError::broken(
+                p,
+                format!("no tunnel to {addr} within {}s", CONNECT_TIMEOUT.as_secs()),
+            )),
+            None => DialError::Timeout {
+                what: format!("connect {addr}"),
+            },
+        }),
+    }
+}
+
+/// A rustls failure (bad or unknown certificate, not TLS at all) will say
+/// the same on a retry; an I/O error during the handshake may not.
+fn tls_error(host: &str, e: std::io::Error) -> DialError {
+    let permanent = e
+        .get_ref()
+        .is_some_and(|inner| inner.downcast_ref::<rustls::Error>().is_some());
+    let mut cause = e.to_string();
+    let lower = cause.to_ascii_lowercase();
+    if lower.contains("certificate") {
+        cause.push_str("; if the deployment uses a private CA, add it to the system trust store or point SSL_CERT_FILE at it");
+    }
+    DialError::Tls {
+        host: host.to_string(),
+        cause,
+        permanent,
+    }
 }
 
 /// Open a websocket to an `http(s)` URL (converted to `ws(s)`), adding
 /// `headers` and the optional subprotocol.
 pub async fn websocket(
+    proxies: &ProxyEnv,
     url: &Url,
     headers: &[(HeaderName, HeaderValue)],
     subprotocol: Option<&str>,
-) -> Result<WsStream<BoxIo>> {
+) -> Result<WsStream<BoxIo>, DialError> {
     let tls = match url.scheme() {
         "https" | "wss" => true,
         "http" | "ws" => false,
-        s => bail!("unsupported scheme {s:?} for a websocket"),
+        s => {
+            return Err(DialError::Invalid(format!(
+                "unsupported scheme {s:?} for a websocket"
+            )))
+        }
     };
-    let host = url.host_str().ok_or_else(|| anyhow!("URL has no host"))?;
+    let host = url
+        .host_str()
+        .ok_or_else(|| DialError::Invalid("URL has no host".into()))?;
+    let host = host.trim_start_matches('[').trim_end_matches(']');
     let port = url
         .port_or_known_default()
-        .ok_or_else(|| anyhow!("URL has no port"))?;
+        .ok_or_else(|| DialError::Invalid("URL has no port".into()))?;
+    let path = url.path().to_string();
     let mut ws_url = url.clone();
     let _ = ws_url.set_scheme(if tls { "wss" } else { "ws" });
     let mut req = ws_url
         .as_str()
         .into_client_request()
-        .map_err(|e| anyhow!("websocket request: {e}"))?;
+        .map_err(|e| DialError::Invalid(format!("websocket request: {e}")))?;
     for (k, v) in headers {
         req.headers_mut().append(
             k.as_str()
                 .parse::<tokio_tungstenite::tungstenite::http::HeaderName>()
-                .map_err(|_| anyhow!("invalid header name"))?,
+                .map_err(|_| DialError::Invalid("invalid header name".into()))?,
             tokio_tungstenite::tungstenite::http::HeaderValue::from_bytes(v.as_bytes())
-                .map_err(|_| anyhow!("invalid header value"))?,
+                .map_err(|_| DialError::Invalid("invalid header value".into()))?,
         );
     }
     if let Some(p) = subprotocol {
         req.headers_mut().insert(
             "Sec-WebSocket-Protocol",
             tokio_tungstenite::tungstenite::http::HeaderValue::from_str(p)
-                .map_err(|_| anyhow!("invalid subprotocol"))?,
+                .map_err(|_| DialError::Invalid("invalid subprotocol".into()))?,
         );
     }
-    let io = connect(tls, host, port, host).await?;
+    let io = connect(proxies, tls, host, port, host).await?;
     let (ws, resp) = tokio::time::timeout(
         CONNECT_TIMEOUT,
         tokio_tungstenite::client_async_with_config(req, io, None),
     )
     .await
-    .map_err(|_| anyhow!("websocket upgrade of {}: timed out", url.path()))?
+    .map_err(|_| DialError::Timeout {
+        what: format!("websocket upgrade of {path}"),
+    })?
     .map_err(|e| match e {
         tokio_tungstenite::tungstenite::Error::Http(r) => {
-            let body = r
-                .body()
-                .as_ref()
-                .map(|b| crate::coderd::one_line(&String::from_utf8_lossy(b), 200))
-                .unwrap_or_default();
-            anyhow!(
-                "websocket upgrade of {} refused: HTTP {} {body}",
-                url.path(),
-                r.status().as_u16()
-            )
+            let status = r.status();
+            DialError::Refused {
+                path: path.clone(),
+                status: status.as_u16(),
+                reason: status.canonical_reason().unwrap_or("").to_string(),
+                detail: r.body().as_deref().map(coder_detail).unwrap_or_default(),
+            }
         }
-        other => anyhow!("websocket upgrade of {}: {other}", url.path()),
+        other => DialError::Handshake {
+            path: path.clone(),
+            cause: other.to_string(),
+        },
     })?;
-    log::debug!("websocket {} upgraded ({})", url.path(), resp.status());
+    log::debug!("websocket {path} upgraded ({})", resp.status());
     Ok(WsStream::new(ws))
+}
+
+/// `: message (detail)` from a Coder error body; a short excerpt of any
+/// other text; nothing for HTML (a load balancer's error page says no more
+/// than its status).
+fn coder_detail(body: &[u8]) -> String {
+    #[derive(serde::Deserialize)]
+    struct CoderError {
+        #[serde(default)]
+        message: String,
+        #[serde(default)]
+        detail: String,
+    }
+    if let Ok(e) = serde_json::from_slice::<CoderError>(body) {
+        let mut s = crate::coderd::one_line(&e.message, 200);
+        if !e.detail.is_empty() {
+            s.push_str(&format!(" ({})", crate::coderd::one_line(&e.detail, 200)));
+        }
+        return if s.is_empty() { s } else { format!(": {s}") };
+    }
+    let text = String::from_utf8_lossy(body);
+    let t = text.trim();
+    if t.is_empty() || t.starts_with('<') {
+        return String::new();
+    }
+    format!(": {}", crate::coderd::one_line(t, 200))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refusals_classify_by_status() {
+        let refused = |status| DialError::Refused {
+            path: "/x".into(),
+            status,
+            reason: String::new(),
+            detail: String::new(),
+        };
+        for s in [500, 502, 503, 504, 429] {
+            assert!(refused(s).is_transient(), "{s}");
+        }
+        for s in [400, 401, 403, 404, 410] {
+            assert!(!refused(s).is_transient(), "{s}");
+        }
+        assert!(DialError::Connect {
+            addr: "a:1".into(),
+            cause: "refused".into()
+        }
+        .is_transient());
+    }
+
+    #[test]
+    fn coder_error_bodies_are_summarised() {
+        assert_eq!(
+            coder_detail(br#"{"message":"Unauthorized.","detail":"API key expired"}"#),
+            ": Unauthorized. (API key expired)"
+        );
+        assert_eq!(coder_detail(b"<html><h1>502 Bad Gateway</h1></html>"), "");
+        assert_eq!(coder_detail(b"upstream down\n"), ": upstream down");
+    }
+
+    #[tokio::test]
+    async fn a_refused_upgrade_carries_its_status() {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = l.local_addr().unwrap().port();
+        tokio::spawn(async move {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            let (mut s, _) = l.accept().await.unwrap();
+            let mut buf = vec![0u8; 4096];
+            let _ = s.read(&mut buf).await;
+            let body = br#"{"message":"Agent not found."}"#;
+            let head = format!(
+                "HTTP/1.1 404 Not Found\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+                body.len()
+            );
+            let _ = s.write_all(head.as_bytes()).await;
+            let _ = s.write_all(body).await;
+        });
+        let url = Url::parse(&format!("http://127.0.0.1:{port}/api/v2/x/coordinate")).unwrap();
+        let err = websocket(&ProxyEnv::default(), &url, &[], None)
+            .await
+            .err()
+            .expect("refused");
+        assert_eq!(err.status(), Some(404));
+        assert!(!err.is_transient());
+        assert_eq!(
+            err.to_string(),
+            "the websocket upgrade of /api/v2/x/coordinate was refused: HTTP 404 Not Found: Agent not found."
+        );
+    }
+
+    #[tokio::test]
+    async fn a_proxy_refusal_is_a_typed_proxy_error() {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = l.local_addr().unwrap().port();
+        tokio::spawn(async move {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            let (mut s, _) = l.accept().await.unwrap();
+            let mut buf = vec![0u8; 4096];
+            let _ = s.read(&mut buf).await;
+            let _ = s.write_all(b"HTTP/1.0 403 Access denied\r\n\r\n").await;
+        });
+        let proxies = ProxyEnv::from_vars(|k| match k {
+            "HTTPS_PROXY" => Some(format!("http://127.0.0.1:{port}")),
+            _ => None,
+        });
+        let err = connect(
+            &proxies,
+            true,
+            "coder.example.com",
+            443,
+            "coder.example.com",
+        )
+        .await
+        .err()
+        .expect("refused");
+        assert!(matches!(err, DialError::Proxy(_)), "{err:?}");
+        assert!(!err.is_transient());
+        assert!(
+            err.to_string().contains(&format!("127.0.0.1:{port}")),
+            "{err}"
+        );
+    }
 }

@@ -4,13 +4,17 @@
 //!
 //! The protocol work lives in the `coder-tailnet` crate; this file supplies
 //! what only coder-proxy knows: the deployment URL, the session token and
-//! `--header`s, and how to dial (TLS with system roots; DERP over an HTTP
-//! upgrade, falling back to a websocket when the relay refuses it or the
-//! deployment forces websockets).
+//! `--header`s, and how to dial (TLS with system roots, through the HTTP
+//! proxy the environment names; DERP over an HTTP upgrade, falling back to
+//! a websocket when the relay refuses it or the deployment forces
+//! websockets). Dial failures keep their type ([`net::DialError`],
+//! [`crate::coderd::ApiError`], [`coder_tailnet::derp::UpgradeError`])
+//! through anyhow's context chain so [`super::is_transient`] can classify
+//! them.
 
 use std::sync::Arc;
 
-use anyhow::{anyhow, Context, Result};
+use anyhow::{Context, Result};
 use reqwest::header::{HeaderName, HeaderValue};
 use url::Url;
 
@@ -18,8 +22,9 @@ use coder_tailnet::client::{self, BoxFuture, BoxIo, Dialer};
 use coder_tailnet::derpmap::{DerpMap, DerpTarget};
 use coder_tailnet::proto::PeerId;
 
-use super::{net, DialTarget};
+use super::{net, DialTarget, Permanent};
 use crate::coderd::Client;
+use crate::proxy::ProxyEnv;
 
 /// Dials coderd and its DERP relays for one agent.
 struct CoderDialer {
@@ -27,6 +32,7 @@ struct CoderDialer {
     agent_id: String,
     headers: Vec<(HeaderName, HeaderValue)>,
     force_websockets: bool,
+    proxies: Arc<ProxyEnv>,
 }
 
 impl Dialer for CoderDialer {
@@ -41,10 +47,9 @@ impl Dialer for CoderDialer {
             url.query_pairs_mut().append_pair("resume_token", &t);
         }
         let headers = self.headers.clone();
+        let proxies = self.proxies.clone();
         Box::pin(async move {
-            let ws = net::websocket(&url, &headers, None)
-                .await
-                .context("coordinate websocket")?;
+            let ws = net::websocket(&proxies, &url, &headers, None).await?;
             Ok(Box::new(ws) as BoxIo)
         })
     }
@@ -62,10 +67,13 @@ impl Dialer for CoderDialer {
             .cloned()
             .collect();
         let force_ws = self.force_websockets;
+        let proxies = self.proxies.clone();
         Box::pin(async move {
             let url = Url::parse(&t.url()).context("DERP URL")?;
             if !force_ws {
-                let io = net::connect(t.scheme == "https", &t.dial_host, t.port, &t.host).await?;
+                let io = net::connect(&proxies, t.scheme == "https", &t.dial_host, t.port, &t.host)
+                    .await
+                    .with_context(|| format!("DERP relay {}", t.url()))?;
                 let host_header = if (t.scheme == "https" && t.port == 443)
                     || (t.scheme == "http" && t.port == 80)
                 {
@@ -82,10 +90,14 @@ impl Dialer for CoderDialer {
                     Err(e) if e.should_try_websocket() => {
                         log::info!("tailnet: DERP upgrade refused ({e}); trying a websocket");
                     }
-                    Err(e) => return Err(anyhow!("DERP upgrade at {}: {e}", t.url())),
+                    Err(e) => {
+                        return Err(
+                            anyhow::Error::new(e).context(format!("DERP upgrade at {}", t.url()))
+                        )
+                    }
                 }
             }
-            let ws = net::websocket(&url, &headers, Some("derp"))
+            let ws = net::websocket(&proxies, &url, &headers, Some("derp"))
                 .await
                 .context("DERP websocket")?;
             Ok(Box::new(ws) as BoxIo)
@@ -105,11 +117,11 @@ fn rewrite_to_base(map: &mut DerpMap, base: &Url) {
 pub async fn dial(client: &Client, t: &DialTarget) -> Result<client::Tunnel> {
     let started = std::time::Instant::now();
     let agent_id = PeerId::parse(&t.agent_id)
-        .map_err(|e| anyhow!("agent id {:?} is not a UUID: {e}", t.agent_id))?;
+        .map_err(|e| Permanent(format!("agent id {:?} is not a UUID: {e}", t.agent_id)))?;
     let mut info = client
         .agent_connection_info(&t.agent_id)
         .await
-        .map_err(|e| anyhow!("get agent connection info: {e}"))?;
+        .context("get agent connection info")?;
     log::debug!(
         "tailnet: connection info in {}ms",
         started.elapsed().as_millis()
@@ -121,11 +133,19 @@ pub async fn dial(client: &Client, t: &DialTarget) -> Result<client::Tunnel> {
         info.derp_map.regions.len(),
         info.derp_map.home_region()
     );
+    if info.derp_map.home_region().is_none() {
+        return Err(Permanent(
+            "the deployment's DERP map has no usable region; ask the Coder admin to check the DERP settings"
+                .into(),
+        )
+        .into());
+    }
     let dialer = CoderDialer {
         base,
         agent_id: t.agent_id.clone(),
         headers: client.upgrade_headers().to_vec(),
         force_websockets: info.derp_force_websockets,
+        proxies: client.proxies().clone(),
     };
     let cfg = client::Config::new(agent_id, info.derp_map);
     client::connect(Arc::new(dialer), cfg).await

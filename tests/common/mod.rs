@@ -1,8 +1,11 @@
 //! Shared harness for end-to-end tests: a coder-sim deployment, a Coder
 //! config directory, the real OpenSSH client running coder-proxy as its
 //! ProxyCommand, a scripted raw HTTP server for answers coder-sim cannot
-//! give, and the assertions every test file uses.
+//! give, a real HTTP proxy ([`proxy`]), and the assertions every test file
+//! uses.
 #![allow(dead_code)]
+
+pub mod proxy;
 
 use std::path::{Path, PathBuf};
 use std::process::{Output, Stdio};

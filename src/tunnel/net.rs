@@ -12,12 +12,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use reqwest::header::{HeaderName, HeaderValue};
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_rustls::rustls;
-use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::{self, protocol::Role};
+use tokio_tungstenite::WebSocketStream;
 use url::Url;
 
+use coder_tailnet::http1::{read_error_body, read_response_head, ResponseHead, Upgraded};
 use coder_tailnet::ws::WsStream;
 
 use crate::proxy::{ProxyEnv, ProxyError};
@@ -197,71 +199,148 @@ pub async fn websocket(
         .port_or_known_default()
         .ok_or_else(|| DialError::Invalid("URL has no port".into()))?;
     let path = url.path().to_string();
-    let mut ws_url = url.clone();
-    let _ = ws_url.set_scheme(if tls { "wss" } else { "ws" });
-    let mut req = ws_url
-        .as_str()
-        .into_client_request()
-        .map_err(|e| DialError::Invalid(format!("websocket request: {e}")))?;
-    for (k, v) in headers {
-        req.headers_mut().append(
-            k.as_str()
-                .parse::<tokio_tungstenite::tungstenite::http::HeaderName>()
-                .map_err(|_| DialError::Invalid("invalid header name".into()))?,
-            tokio_tungstenite::tungstenite::http::HeaderValue::from_bytes(v.as_bytes())
-                .map_err(|_| DialError::Invalid("invalid header value".into()))?,
-        );
+    let mut target = path.clone();
+    if let Some(q) = url.query() {
+        target.push('?');
+        target.push_str(q);
     }
-    if let Some(p) = subprotocol {
-        req.headers_mut().insert(
-            "Sec-WebSocket-Protocol",
-            tokio_tungstenite::tungstenite::http::HeaderValue::from_str(p)
-                .map_err(|_| DialError::Invalid("invalid subprotocol".into()))?,
-        );
-    }
-    let io = connect(proxies, tls, host, port, host).await?;
-    let (ws, resp) = tokio::time::timeout(
-        CONNECT_TIMEOUT,
-        tokio_tungstenite::client_async_with_config(req, io, None),
+    let default_port = if tls { 443 } else { 80 };
+    let host_header = match (host.contains(':'), port == default_port) {
+        (true, true) => format!("[{host}]"),
+        (true, false) => format!("[{host}]:{port}"),
+        (false, true) => host.to_string(),
+        (false, false) => format!("{host}:{port}"),
+    };
+    let key = tungstenite::handshake::client::generate_key();
+    let mut req = format!(
+        "GET {target} HTTP/1.1\r\nHost: {host_header}\r\nUser-Agent: {USER_AGENT}\r\n\
+         Connection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\n\
+         Sec-WebSocket-Key: {key}\r\n"
     )
-    .await
-    .map_err(|_| DialError::Timeout {
-        what: format!("websocket upgrade of {path}"),
-    })?
-    .map_err(|e| match e {
-        tokio_tungstenite::tungstenite::Error::Http(r) => {
-            let status = r.status();
-            DialError::Refused {
-                path: path.clone(),
-                status: status.as_u16(),
-                reason: status.canonical_reason().unwrap_or("").to_string(),
-                detail: r.body().as_deref().map(coder_detail).unwrap_or_default(),
-            }
+    .into_bytes();
+    if let Some(p) = subprotocol {
+        if p.bytes().any(|b| b <= b' ' || b == b',' || b >= 0x7f) {
+            return Err(DialError::Invalid("invalid subprotocol".into()));
         }
-        other => DialError::Handshake {
+        req.extend_from_slice(format!("Sec-WebSocket-Protocol: {p}\r\n").as_bytes());
+    }
+    for (k, v) in headers {
+        // HeaderName/HeaderValue already exclude CR, LF and NUL.
+        if RESERVED.iter().any(|r| k.as_str().eq_ignore_ascii_case(r)) {
+            continue;
+        }
+        req.extend_from_slice(k.as_str().as_bytes());
+        req.extend_from_slice(b": ");
+        req.extend_from_slice(v.as_bytes());
+        req.extend_from_slice(b"\r\n");
+    }
+    req.extend_from_slice(b"\r\n");
+
+    let mut io = connect(proxies, tls, host, port, host).await?;
+    let handshake = async {
+        io.write_all(&req).await?;
+        io.flush().await?;
+        read_response_head(&mut io).await
+    };
+    let (head, rest) = tokio::time::timeout(CONNECT_TIMEOUT, handshake)
+        .await
+        .map_err(|_| DialError::Timeout {
+            what: format!("websocket upgrade of {path}"),
+        })?
+        .map_err(|e| DialError::Handshake {
             path: path.clone(),
-            cause: other.to_string(),
-        },
-    })?;
-    log::debug!("websocket {path} upgraded ({})", resp.status());
+            cause: e.to_string(),
+        })?;
+    if head.code != 101 {
+        let body = read_error_body(&mut io, &head, rest).await;
+        return Err(DialError::Refused {
+            path,
+            status: head.code,
+            reason: reason_phrase(&head),
+            detail: coder_detail(&body),
+        });
+    }
+    let accept = tungstenite::handshake::derive_accept_key(key.as_bytes());
+    let upgraded = head
+        .header("Upgrade")
+        .is_some_and(|v| v.eq_ignore_ascii_case("websocket"));
+    if !upgraded || head.header("Sec-WebSocket-Accept").map(str::trim) != Some(accept.as_str()) {
+        return Err(DialError::Handshake {
+            path,
+            cause: "the 101 answer is not a websocket upgrade for our key".into(),
+        });
+    }
+    let ws = WebSocketStream::from_raw_socket(
+        Box::new(Upgraded::new(rest, io)) as BoxIo,
+        Role::Client,
+        None,
+    )
+    .await;
+    log::debug!("websocket {path} upgraded (101 Switching Protocols)");
     Ok(WsStream::new(ws))
 }
 
-/// `: message (detail)` from a Coder error body; a short excerpt of any
-/// other text; nothing for HTML (a load balancer's error page says no more
-/// than its status).
+/// Headers the upgrade request sets itself.
+const RESERVED: [&str; 7] = [
+    "host",
+    "user-agent",
+    "connection",
+    "upgrade",
+    "sec-websocket-version",
+    "sec-websocket-key",
+    "sec-websocket-protocol",
+];
+
+/// What coder-proxy calls itself on the websocket upgrades (REST sends the
+/// same through reqwest), so coderd's logs can tell its clients apart.
+const USER_AGENT: &str = concat!("coder-proxy/", env!("CARGO_PKG_VERSION"));
+
+/// The status line's reason phrase, or the standard one when it has none.
+fn reason_phrase(head: &ResponseHead) -> String {
+    if !head.reason.is_empty() {
+        return crate::coderd::one_line(&head.reason, 80);
+    }
+    reqwest::StatusCode::from_u16(head.code)
+        .ok()
+        .and_then(|s| s.canonical_reason())
+        .unwrap_or("")
+        .to_string()
+}
+
+/// `: message (detail; validation details)` from a Coder error body; a
+/// short excerpt of any other text; nothing for HTML (a load balancer's
+/// error page says no more than its status).
 fn coder_detail(body: &[u8]) -> String {
+    #[derive(serde::Deserialize)]
+    struct Validation {
+        #[serde(default)]
+        field: String,
+        #[serde(default)]
+        detail: String,
+    }
     #[derive(serde::Deserialize)]
     struct CoderError {
         #[serde(default)]
         message: String,
         #[serde(default)]
         detail: String,
+        #[serde(default)]
+        validations: Vec<Validation>,
     }
     if let Ok(e) = serde_json::from_slice::<CoderError>(body) {
         let mut s = crate::coderd::one_line(&e.message, 200);
+        let mut more: Vec<String> = Vec::new();
         if !e.detail.is_empty() {
-            s.push_str(&format!(" ({})", crate::coderd::one_line(&e.detail, 200)));
+            more.push(crate::coderd::one_line(&e.detail, 200));
+        }
+        for v in e.validations.iter().take(3) {
+            more.push(crate::coderd::one_line(
+                &format!("{}: {}", v.field, v.detail),
+                200,
+            ));
+        }
+        if !more.is_empty() {
+            s.push_str(&format!(" ({})", more.join("; ")));
         }
         return if s.is_empty() { s } else { format!(": {s}") };
     }

@@ -11,7 +11,9 @@
 //! [`proto`] (tailnet v2 protobuf messages), [`derp`] (the DERP relay
 //! protocol, client and server sides), [`wg`] (WireGuard + userspace
 //! TCP), [`client`] (the controller that ties them together). [`clock`]
-//! and [`backoff`] are the timing rules they share.
+//! and [`backoff`] are the timing rules they share; [`http1`] is the client
+//! side of an HTTP upgrade (DERP's and the websocket's), [`ws`] a websocket
+//! as a byte stream.
 pub mod addr;
 pub mod backoff;
 pub mod client;
@@ -19,6 +21,7 @@ pub mod clock;
 pub mod derp;
 pub mod derpmap;
 pub mod drpc;
+pub mod http1;
 pub mod proto;
 pub mod wg;
 pub mod ws;

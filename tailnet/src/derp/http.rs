@@ -11,19 +11,18 @@
 //! websocket, as Tailscale's client does.)
 
 use std::io;
-use std::pin::Pin;
-use std::task::{Context, Poll};
 
-use bytes::{Buf, Bytes};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use bytes::Bytes;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+use crate::http1::{read_error_body, read_response_head, HeadError};
+pub use crate::http1::{Upgraded, MAX_RESPONSE_HEAD};
 
 use super::client::{ClientOptions, DerpClient};
 use super::key::{NodePrivate, NodePublic};
 use super::DerpError;
 use crate::proto::DerpNode;
 
-/// Largest response head (status line + headers) we read.
-pub const MAX_RESPONSE_HEAD: usize = 16 << 10;
 const USER_AGENT: &str = concat!("coder-tailnet/", env!("CARGO_PKG_VERSION"));
 
 /// Why the upgrade did not happen.
@@ -35,7 +34,7 @@ pub enum UpgradeError {
     Status {
         code: u16,
         reason: String,
-        /// Whatever body bytes had already arrived (lossy UTF-8, ≤ 512 bytes).
+        /// The start of the body (lossy UTF-8, ≤ 512 bytes).
         body: String,
     },
     #[error("DERP server sent a malformed HTTP response: {0}")]
@@ -103,39 +102,17 @@ where
     io.write_all(req.as_bytes()).await?;
     io.flush().await?;
 
-    let mut buf = Vec::with_capacity(1024);
-    let head_end = loop {
-        if let Some(pos) = find_head_end(&buf) {
-            break pos;
-        }
-        if buf.len() >= MAX_RESPONSE_HEAD {
-            return Err(UpgradeError::HeadTooLarge);
-        }
-        let mut chunk = [0u8; 2048];
-        let want = chunk.len().min(MAX_RESPONSE_HEAD + 4 - buf.len());
-        let n = io.read(&mut chunk[..want]).await?;
-        if n == 0 {
-            return Err(UpgradeError::BadResponse(
-                "connection closed before the response head ended",
-            ));
-        }
-        buf.extend_from_slice(&chunk[..n]);
-    };
-    let head = std::str::from_utf8(&buf[..head_end])
-        .map_err(|_| UpgradeError::BadResponse("response head is not UTF-8"))?;
-    let rest = Bytes::copy_from_slice(&buf[head_end + 4..]);
-    let (code, reason, headers) = parse_head(head)?;
-
-    if code != 101 {
-        let body = String::from_utf8_lossy(&rest[..rest.len().min(512)]).into_owned();
-        return Err(UpgradeError::Status { code, reason, body });
+    let (head, rest) = read_response_head(&mut io).await.map_err(head_error)?;
+    if head.code != 101 {
+        let body = read_error_body(&mut io, &head, rest).await;
+        let body = String::from_utf8_lossy(&body[..body.len().min(512)]).into_owned();
+        return Err(UpgradeError::Status {
+            code: head.code,
+            reason: head.reason,
+            body,
+        });
     }
-    let header = |name: &str| {
-        headers
-            .iter()
-            .find(|(k, _)| k.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
-    };
+    let header = |name: &str| head.header(name);
     let upgrade_ok = header("Upgrade").is_some_and(|v| v.eq_ignore_ascii_case("derp"));
     if !upgrade_ok {
         return Err(UpgradeError::BadResponse(
@@ -147,7 +124,15 @@ where
         derp_public_key: header("Derp-Public-Key")
             .and_then(|v| NodePublic::parse_untyped_hex(v.trim()).ok()),
     };
-    Ok((Upgraded { prefix: rest, io }, resp))
+    Ok((Upgraded::new(rest, io), resp))
+}
+
+fn head_error(e: HeadError) -> UpgradeError {
+    match e {
+        HeadError::Io(e) => UpgradeError::Io(e),
+        HeadError::Bad(what) => UpgradeError::BadResponse(what),
+        HeadError::TooLarge => UpgradeError::HeadTooLarge,
+    }
 }
 
 /// Upgrade + login in one call.
@@ -196,93 +181,6 @@ fn build_request(host: &str, extra: &[(String, String)]) -> Result<String, Upgra
 
 fn find_head_end(buf: &[u8]) -> Option<usize> {
     buf.windows(4).position(|w| w == b"\r\n\r\n")
-}
-
-type Head = (u16, String, Vec<(String, String)>);
-
-fn parse_head(head: &str) -> Result<Head, UpgradeError> {
-    let mut lines = head.split("\r\n");
-    let status = lines
-        .next()
-        .ok_or(UpgradeError::BadResponse("empty response"))?;
-    let mut parts = status.splitn(3, ' ');
-    let version = parts.next().unwrap_or_default();
-    if !version.starts_with("HTTP/1.") {
-        return Err(UpgradeError::BadResponse("not an HTTP/1.x status line"));
-    }
-    let code = parts
-        .next()
-        .and_then(|c| c.parse::<u16>().ok())
-        .ok_or(UpgradeError::BadResponse("bad status code"))?;
-    let reason = parts.next().unwrap_or_default().to_string();
-    let mut headers = Vec::new();
-    for line in lines {
-        let (k, v) = line
-            .split_once(':')
-            .ok_or(UpgradeError::BadResponse("header line without a colon"))?;
-        headers.push((k.trim().to_string(), v.trim().to_string()));
-    }
-    Ok((code, reason, headers))
-}
-
-/// A stream after the upgrade: replays bytes read past the response head,
-/// then reads from the inner stream. Writes go straight through.
-#[derive(Debug)]
-pub struct Upgraded<S> {
-    prefix: Bytes,
-    io: S,
-}
-
-impl<S> Upgraded<S> {
-    pub fn into_parts(self) -> (Bytes, S) {
-        (self.prefix, self.io)
-    }
-}
-
-impl<S: AsyncRead + Unpin> AsyncRead for Upgraded<S> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        if !self.prefix.is_empty() {
-            let n = self.prefix.len().min(buf.remaining());
-            buf.put_slice(&self.prefix[..n]);
-            self.prefix.advance(n);
-            return Poll::Ready(Ok(()));
-        }
-        Pin::new(&mut self.io).poll_read(cx, buf)
-    }
-}
-
-impl<S: AsyncWrite + Unpin> AsyncWrite for Upgraded<S> {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write(cx, buf)
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.io).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.io).poll_shutdown(cx)
-    }
-
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.io.is_write_vectored()
-    }
 }
 
 /// Server side of the upgrade, for the simulator: reads the request head
@@ -347,5 +245,5 @@ where
     io.write_all(resp.as_bytes()).await?;
     io.flush().await?;
     let rest = Bytes::copy_from_slice(&buf[head_end + 4..]);
-    Ok(Some((Upgraded { prefix: rest, io }, headers)))
+    Ok(Some((Upgraded::new(rest, io), headers)))
 }

@@ -167,6 +167,9 @@ impl Waiter<'_> {
                             let over = self.tunnel.describe();
                             if !crate::tunnel::is_transient(&e) {
                                 progress.finish_stage(false);
+                                if let Some(hint) = crate::tunnel::refusal_hint(&e, &dt) {
+                                    bail!("{hint}: {e:#}");
+                                }
                                 return Err(e.context(format!("cannot reach the agent {over}")));
                             }
                             let since = *dialing_since.get_or_insert_with(Instant::now);

@@ -64,6 +64,28 @@ pub fn is_transient(e: &anyhow::Error) -> bool {
     true
 }
 
+/// What a permanent tailnet refusal means for the user, when coderd's answer
+/// alone would mislead: coderd checks the right to SSH into a workspace on
+/// the coordinate endpoint, and answers 404 (or 403) there to a user who may
+/// see the workspace but not connect to it.
+pub fn refusal_hint(e: &anyhow::Error, t: &DialTarget) -> Option<String> {
+    let refused = e
+        .chain()
+        .find_map(|c| match c.downcast_ref::<net::DialError>() {
+            Some(net::DialError::Refused { path, status, .. }) if path.ends_with("/coordinate") => {
+                Some(*status)
+            }
+            _ => None,
+        })?;
+    match refused {
+        403 | 404 => Some(format!(
+            "your account may not have permission to SSH into {}/{} (coderd refused the connection to its agent {:?}); ask the workspace's owner or an admin",
+            t.owner, t.workspace, t.agent
+        )),
+        _ => None,
+    }
+}
+
 /// What to dial: the names the host resolved to.
 #[derive(Clone, Debug)]
 pub struct DialTarget {
@@ -162,6 +184,30 @@ mod tests {
             detail: String::new(),
         })
         .context("coordinate")
+    }
+
+    #[test]
+    fn a_refused_coordinate_404_or_403_names_the_missing_ssh_permission() {
+        let t = DialTarget {
+            owner: "alice".into(),
+            workspace: "dev".into(),
+            agent: "main".into(),
+            agent_id: "x".into(),
+        };
+        for s in [403, 404] {
+            let hint = refusal_hint(&refused(s), &t).expect("a hint");
+            assert!(hint.contains("permission to SSH into alice/dev"), "{hint}");
+        }
+        for s in [400, 401, 502] {
+            assert_eq!(refusal_hint(&refused(s), &t), None, "{s}");
+        }
+        let relay = anyhow::Error::new(net::DialError::Refused {
+            path: "/derp".into(),
+            status: 404,
+            reason: String::new(),
+            detail: String::new(),
+        });
+        assert_eq!(refusal_hint(&relay, &t), None);
     }
 
     #[test]

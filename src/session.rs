@@ -118,13 +118,12 @@ impl Session {
         }
         let closed = self.until_closed(done, tunnel_dead).await;
         if let Some(c) = control {
-            match closed {
-                // Our side is done with a stream the agent still holds
-                // open (or a signal is ending us): say so before exiting.
-                Closed::Signal(_) | Closed::StreamEnded => c.close().await,
-                // The agent is gone or going, or the tunnel already broke.
-                Closed::Workspace(_) | Closed::StreamBroken(_) => drop(c),
-            }
+            // However the session ended, leave the way Coder's own clients
+            // do: close our connection towards the agent (a no-op when it is
+            // already gone) and say goodbye to the coordinator, so coderd
+            // tells the agent we left instead of "lost" — an agent keeps a
+            // lost peer for 15 minutes. Bounded to about a second.
+            c.close().await;
         }
         closed
     }

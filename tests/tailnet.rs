@@ -402,3 +402,34 @@ async fn remote_closes_first_over_tailnet_delivers_everything() {
         assert!(!errs.contains("coder-proxy"), "round {round}: {errs}");
     }
 }
+
+/// A finished session leaves the agent with nothing of ours: coder-proxy
+/// ends its coordination with a Disconnect, so the coordinator reports the
+/// client DISCONNECTED (not LOST, which an agent keeps for 15 minutes) and
+/// the agent drops its WireGuard peer. Real coderd and its agent do exactly
+/// this with the Coder CLI (the real-Coder suite's
+/// `TestAgentForgetsClientAfterSession`); before coder-proxy sent the
+/// Disconnect, real agents kept every finished session as a peer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_finished_session_leaves_no_peer_at_the_agent() {
+    if !have_openssh() {
+        return;
+    }
+    let env = Env::new(vec![WorkspaceSpec::new("dev")]).await;
+    for round in 0..2 {
+        let mut c = ssh_tailnet(&env, "-v", "dev.coder");
+        c.arg("echo bye");
+        let out = run(c, None, LIMIT).await;
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        let sim = env.sim.clone();
+        let gone = eventually(Duration::from_secs(10), move || {
+            sim.agent_engine_keys("dev", "dev").is_empty()
+        })
+        .await;
+        assert!(
+            gone,
+            "round {round}: the agent still holds the client's peer 10 s after the session ended:\n{}",
+            text(&out.stderr)
+        );
+    }
+}

@@ -88,6 +88,11 @@ const DERP_STABLE: Duration = Duration::from_secs(10);
 /// it becomes a RST, and how long the relay gets to write them out.
 const CLOSE_FIN_BOUND: Duration = Duration::from_millis(500);
 const CLOSE_FLUSH_BOUND: Duration = Duration::from_millis(150);
+/// How long the goodbye waits for the coordinator to hang up on us: coderd
+/// answers a Disconnect by ending the Coordinate stream, and only a
+/// Disconnect it has read makes the agent drop our peer at once (a hang-up
+/// it sees first is "lost", which agents keep for 15 minutes).
+const CLOSE_COORD_BOUND: Duration = Duration::from_millis(300);
 
 /// A byte stream the dialer hands back.
 pub trait Io: AsyncRead + AsyncWrite + Unpin + Send + 'static {}
@@ -157,12 +162,16 @@ pub struct Control {
 impl Control {
     /// Closes the TCP connection towards the agent (a FIN; a RST if the
     /// FIN is not acknowledged within 500 ms), writes that out to the relay,
-    /// says goodbye to the coordinator, and stops every task. Takes at most
-    /// about 800 ms.
+    /// says goodbye to the coordinator (and waits for it to hang up), and
+    /// stops every task. Takes at most about 1.2 s.
     pub async fn close(mut self) {
         self.cancel.cancel();
         if let Some(mut task) = self.task.take() {
-            let limit = CLOSE_FIN_BOUND + CLOSE_FLUSH_BOUND + Duration::from_millis(200);
+            let limit = CLOSE_FIN_BOUND
+                + CLOSE_FLUSH_BOUND
+                + Duration::from_millis(100)
+                + CLOSE_COORD_BOUND
+                + Duration::from_millis(100);
             if tokio::time::timeout(limit, &mut task).await.is_err() {
                 task.abort();
             }
@@ -584,8 +593,9 @@ impl Controller {
     }
 
     /// Graceful end ([`Control::close`]): FIN (or RST) to the agent, out
-    /// through the relay, a goodbye to the coordinator.
-    async fn shut_down(&mut self) {
+    /// through the relay, a goodbye to the coordinator and, briefly, its
+    /// hang-up (read from `msgs`, where the Coordinate reader reports it).
+    async fn shut_down(&mut self, msgs: &mut mpsc::Receiver<Msg>) {
         if let Some(e) = self.engine.as_mut() {
             e.close(CLOSE_FIN_BOUND).await;
         }
@@ -595,7 +605,22 @@ impl Controller {
         }
         if let Some(c) = self.coord.as_mut() {
             let bye = CoordinateRequest::disconnect().encode_to_vec();
-            let _ = tokio::time::timeout(Duration::from_millis(100), c.tx.send(&bye)).await;
+            let sent = tokio::time::timeout(Duration::from_millis(100), c.tx.send(&bye)).await;
+            if matches!(sent, Ok(Ok(()))) {
+                let hung_up = async {
+                    while let Some(m) = msgs.recv().await {
+                        if matches!(m, Msg::CoordinateDown(_)) {
+                            return;
+                        }
+                    }
+                };
+                if tokio::time::timeout(CLOSE_COORD_BOUND, hung_up)
+                    .await
+                    .is_err()
+                {
+                    log::debug!("tailnet: the coordinator did not hang up after our disconnect");
+                }
+            }
         }
     }
 
@@ -842,7 +867,7 @@ pub async fn connect(dialer: Arc<dyn Dialer>, cfg: Config) -> Result<Tunnel> {
             }
             tokio::select! {
                 _ = cancelled.cancelled() => {
-                    ctl.shut_down().await;
+                    ctl.shut_down(&mut msgs).await;
                     return;
                 }
                 Some(m) = msgs.recv() => match m {

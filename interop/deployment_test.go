@@ -89,6 +89,8 @@ type deployment struct {
 	agent       agent.Agent
 	agentProxy  *cutProxy
 	clientProxy *cutProxy
+	// Extra environment for the clients (see withEnv).
+	env []string
 }
 
 // newDeployment brings up coderd, a user with a running workspace built
@@ -184,6 +186,14 @@ func (d *deployment) with(t testing.TB) *deployment {
 	return &c
 }
 
+// withEnv is the deployment with kv ("NAME=value") added to the clients'
+// environment.
+func (d *deployment) withEnv(kv ...string) *deployment {
+	c := *d
+	c.env = append(append([]string(nil), d.env...), kv...)
+	return &c
+}
+
 // startAgent starts the workspace's real agent and waits until coderd
 // reports it connected.
 func (d *deployment) startAgent() {
@@ -240,7 +250,8 @@ func (d *deployment) clientEnv(token string) []string {
 	require.NoError(d.t, os.MkdirAll(cfg, 0o700))
 	env := []string{}
 	for _, kv := range os.Environ() {
-		if strings.HasPrefix(kv, "CODER_") {
+		name := strings.ToUpper(strings.SplitN(kv, "=", 2)[0])
+		if strings.HasPrefix(name, "CODER_") || strings.HasSuffix(name, "_PROXY") {
 			continue
 		}
 		env = append(env, kv)
@@ -253,7 +264,7 @@ func (d *deployment) clientEnv(token string) []string {
 	if d.caFile != "" {
 		env = append(env, "SSL_CERT_FILE="+d.caFile, "SSL_CERT_DIR=/nonexistent")
 	}
-	return env
+	return append(env, d.env...)
 }
 
 // testCertificate makes a CA (written to dir/ca.pem, returned as a path)

@@ -7,8 +7,10 @@ package interop
 import (
 	"context"
 	"fmt"
+	"net"
 	"net/url"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strings"
 	"sync"
@@ -571,4 +573,149 @@ func agentForgetsClient(t *testing.T, c client) {
 			t.Logf("the agent dropped the client %.2fs after ssh exited", time.Since(left).Seconds())
 		})
 	}
+}
+
+// --- The relay connection dies silently mid-transfer ---------------------
+
+// After a laptop sleep, a Wi-Fi change or a NAT expiry the connection to
+// the relay can go dead with no FIN or RST. Here the client proxy freezes
+// coder-proxy's DERP connection to real coderd's relay (open, nothing moves
+// either way): coder-proxy must notice (a DERP ping unanswered: real relays
+// only send a keep-alive every 60 s), dial the relay again within 30 s and
+// finish the transfer with nothing lost — the real relay handing the agent's
+// packets to the new connection.
+func TestSilentRelayDeathIsRedialed(t *testing.T) {
+	d := newDeployment(t, deployOpts{clientProxy: true, startAgent: true})
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
+	defer cancel()
+	src := newPacedReader(40*mib, 2*mib, 11)
+	p := d.ssh(coderProxy("tailnet"), src, nil, "sha256sum | cut -d' ' -f1")
+	defer d.clientProxy.Thaw()
+	require.True(t, eventually(ctx, time.Minute, 20*time.Millisecond, func() bool { return src.Progress() >= 4*mib }),
+		"the transfer did not start; stderr:\n%s", p.stderr.String())
+	frozenAt := time.Now()
+	require.Positive(t, d.clientProxy.Freeze("/derp"), "no relay connection to freeze")
+	var redialAt time.Time
+	require.True(t, eventually(ctx, 45*time.Second, 20*time.Millisecond, func() bool {
+		if len(d.clientProxy.RequestsSince("/derp", frozenAt)) > 0 {
+			redialAt = time.Now()
+			return true
+		}
+		return false
+	}), "no new relay connection 45s after the old one went silent; stderr:\n%s", p.stderr.String())
+	took := redialAt.Sub(frozenAt)
+	t.Logf("silent relay death → redial: %.1fs", took.Seconds())
+	appendReport(t, fmt.Sprintf("- %s: silent relay death → redial %.1fs (real coderd relay)", t.Name(), took.Seconds()))
+	require.LessOrEqual(t, took, 30*time.Second, "redialed too late")
+	code := p.wait(4 * time.Minute)
+	log := p.stderr.String()
+	require.Equal(t, 0, code, "stderr:\n%s", log)
+	require.Equal(t, src.Sum()+"\n", p.stdout.String(), "bytes lost")
+	require.Contains(t, log, "no answer to ping", "the silence was not found by the DERP ping probe")
+}
+
+// --- An HTTP proxy in the path (a corporate proxy) -----------------------
+
+// Every connection coder-proxy makes to real coderd — REST, the coordinate
+// websocket, the DERP relay — goes through a real HTTP proxy (tinyproxy,
+// with Basic auth), over http and over https (CONNECT for everything).
+func TestThroughHTTPProxy(t *testing.T) {
+	if _, err := exec.LookPath("tinyproxy"); err != nil {
+		t.Fatal("tinyproxy is required (apt-get install tinyproxy)")
+	}
+	for _, m := range []struct {
+		name string
+		o    deployOpts
+	}{
+		{"http_deployment", deployOpts{}},
+		{"https_deployment", deployOpts{https: true}},
+		{"https_deployment_derp_websockets", deployOpts{https: true, forceWebsockets: true}},
+	} {
+		t.Run(m.name, func(t *testing.T) {
+			o := m.o
+			o.startAgent = true
+			d := newDeployment(t, o)
+			proxy := startTinyproxy(t, d.logDir, "alice-proxy", "pr0xy-secret")
+			proxyURL := "http://alice-proxy:pr0xy-secret@" + proxy.addr
+			d = d.withEnv("HTTP_PROXY="+proxyURL, "HTTPS_PROXY="+proxyURL,
+				// The deployment is on loopback, which proxies are
+				// normally skipped for.
+				"CODER_PROXY_PROXY_LOOPBACK=1")
+			data := randomFile(t, t.TempDir(), 16*mib, 3)
+			f, err := os.Open(data)
+			require.NoError(t, err)
+			defer f.Close()
+			p := d.ssh(coderProxy("tailnet"), f, nil, "sha256sum | cut -d' ' -f1")
+			code := p.wait(3 * time.Minute)
+			log := p.stderr.String()
+			require.Equal(t, 0, code, "stderr:\n%s", log)
+			require.Equal(t, sha256File(t, data)+"\n", p.stdout.String())
+			require.NotContains(t, log, "pr0xy-secret", "the proxy password leaked")
+			coderd := d.coderdURL.Host
+			connects := proxy.count("CONNECT " + coderd)
+			if o.https {
+				// REST, the coordinate websocket and DERP: all tunnelled.
+				require.GreaterOrEqual(t, connects, 3, "proxy log:\n%s", proxy.log())
+			} else {
+				// The websocket and DERP upgrades are tunnelled; REST goes
+				// as plain proxy requests.
+				require.GreaterOrEqual(t, connects, 2, "proxy log:\n%s", proxy.log())
+				require.Positive(t, proxy.count("GET http://"+coderd+"/api/v2/"), "proxy log:\n%s", proxy.log())
+			}
+		})
+	}
+}
+
+type tinyproxy struct {
+	addr    string
+	logPath string
+}
+
+// startTinyproxy runs Debian's tinyproxy on a free loopback port with Basic
+// auth, for the test's lifetime.
+func startTinyproxy(t *testing.T, dir, user, pass string) *tinyproxy {
+	t.Helper()
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	require.NoError(t, err)
+	port := l.Addr().(*net.TCPAddr).Port
+	require.NoError(t, l.Close())
+	conf := filepath.Join(dir, "tinyproxy.conf")
+	logPath := filepath.Join(dir, "tinyproxy.log")
+	require.NoError(t, os.WriteFile(conf, []byte(fmt.Sprintf(
+		"Port %d\nListen 127.0.0.1\nTimeout 600\nLogLevel Info\nMaxClients 100\nBasicAuth %s %s\n",
+		port, user, pass)), 0o600))
+	out, err := os.Create(logPath)
+	require.NoError(t, err)
+	cmd := exec.Command("tinyproxy", "-d", "-c", conf)
+	cmd.Stdout, cmd.Stderr = out, out
+	require.NoError(t, cmd.Start())
+	t.Cleanup(func() { _ = cmd.Process.Kill(); _ = cmd.Wait(); _ = out.Close() })
+	addr := fmt.Sprintf("127.0.0.1:%d", port)
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	require.True(t, eventually(ctx, 10*time.Second, 20*time.Millisecond, func() bool {
+		c, err := net.Dial("tcp", addr)
+		if err == nil {
+			_ = c.Close()
+		}
+		return err == nil
+	}), "tinyproxy did not listen on %s", addr)
+	return &tinyproxy{addr: addr, logPath: logPath}
+}
+
+func (p *tinyproxy) log() string {
+	b, _ := os.ReadFile(p.logPath)
+	return string(b)
+}
+
+// count is how many requests the proxy logged that start with prefix
+// (tinyproxy logs each as `Request (file descriptor N): METHOD TARGET HTTP/1.1`).
+func (p *tinyproxy) count(prefix string) int {
+	n := 0
+	for _, l := range strings.Split(p.log(), "\n") {
+		if i := strings.Index(l, "): "); i >= 0 && strings.Contains(l, "Request (") && strings.HasPrefix(l[i+3:], prefix) {
+			n++
+		}
+	}
+	return n
 }

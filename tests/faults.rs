@@ -652,8 +652,9 @@ fn url_port(url: &str) -> u16 {
 /// tcp:// only. Over tailnet there is no kernel connection to reset: the
 /// agent bridges our userspace TCP stream to its SSH server, so a reset
 /// behind the agent reaches us as the agent closing its side (a FIN) —
-/// `close_orders::tailnet` covers that. A dead tailnet data path is the
-/// relay-fault rows' business.
+/// `close_orders::tailnet` covers that — and a reset of the in-tunnel
+/// connection itself is `tailnet_reset_by_the_agent_exits_1_with_one_line`.
+/// A dead tailnet data path is the relay-fault rows' business.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tcp_tunnel_reset_exits_at_once_with_one_line() {
     let env = Env::new(vec![WorkspaceSpec::new("dev")]).await;
@@ -681,7 +682,10 @@ async fn tcp_tunnel_reset_exits_at_once_with_one_line() {
 }
 
 /// SIGHUP, SIGTERM and SIGINT mid-transfer end the shim within 1 s,
-/// leaving no process behind.
+/// leaving no process behind. Over tailnet the shim also closes its
+/// in-tunnel connection towards the agent before it exits (FIN, or RST
+/// after a short bound), so the agent's side of the stream ends instead of
+/// lingering.
 async fn signals_mid_transfer_end_the_shim_within_a_second(t: Transport) {
     if !have_openssh() {
         return;
@@ -705,9 +709,12 @@ async fn signals_mid_transfer_end_the_shim_within_a_second(t: Transport) {
         assert!(
             eventually(Duration::from_secs(30), || {
                 proxy_pid = child_pid_named(ssh_pid, "coder-proxy");
-                proxy_pid.is_some() && env.sim.usage_count("dev") > 0
+                proxy_pid.is_some()
+                    && env.sim.usage_count("dev") > 0
+                    && (t == Transport::Tcp || env.sim.tailnet_streams("dev", "dev") == 1)
             })
-            .await
+            .await,
+            "SIG{sig}: no session"
         );
         let pid = proxy_pid.unwrap();
         tokio::time::sleep(Duration::from_millis(300)).await; // mid-transfer
@@ -732,6 +739,16 @@ async fn signals_mid_transfer_end_the_shim_within_a_second(t: Transport) {
             "SIG{sig}: exit took {:?}",
             signalled.elapsed()
         );
+        if t == Transport::Tailnet {
+            let closed = eventually(Duration::from_secs(5), || {
+                env.sim.tailnet_streams("dev", "dev") == 0
+            })
+            .await;
+            assert!(
+                closed,
+                "SIG{sig}: the agent's in-tunnel connection still open 5s after the shim exited"
+            );
+        }
         let _ = tokio::time::timeout(Duration::from_secs(10), child.wait())
             .await
             .expect("ssh hung");
@@ -961,22 +978,6 @@ on_each_transport!(
 // coder-sim; sha256 on both ends.
 // ===========================================================================
 
-/// `ssh` through coder-proxy over tailnet (the stock DERP map of the sim).
-fn tailnet_ssh(env: &Env, extra: &str) -> tokio::process::Command {
-    let mut c = tokio::process::Command::new("ssh");
-    c.args(ssh_opts())
-        .arg("-o")
-        .arg(format!(
-            "ProxyCommand={PROXY} --global-config {} --tunnel tailnet {extra} %h",
-            env.config_dir().display()
-        ))
-        .arg("dev.coder")
-        .env_remove("CODER_SESSION_TOKEN")
-        .env_remove("CODER_URL")
-        .kill_on_drop(true);
-    c
-}
-
 /// An upload through `ssh dev.coder sha256sum` in two halves: the first
 /// half goes through, then the test injects its fault (the stream is open
 /// and between chunks), then the second half follows into the fault.
@@ -990,7 +991,7 @@ struct SplitUpload {
 
 impl SplitUpload {
     async fn start(env: &Env, half: usize, seed: u32) -> SplitUpload {
-        let mut cmd = tailnet_ssh(env, "-v");
+        let mut cmd = ssh(env, Transport::Tailnet, "-v");
         cmd.arg("sha256sum | cut -d' ' -f1")
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
@@ -1124,7 +1125,7 @@ async fn silently_dead_relay_case(force_websockets: bool) {
     assert!(err.contains("DERP region 999 down"), "{err}");
 }
 
-/// Row T1: the relay connection goes silently dead mid-transfer (open, no
+/// The relay connection goes silently dead mid-transfer (open, no
 /// FIN/RST, nothing read or written): the shim notices within 30 s,
 /// redials, and the transfer completes with nothing lost.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1135,7 +1136,7 @@ async fn tailnet_silently_dead_relay_mid_transfer_is_redialed_and_loses_nothing(
     silently_dead_relay_case(false).await;
 }
 
-/// Row T1 with the relay reached over a websocket (`derp_force_websockets`).
+/// The same with the relay reached over a websocket (`derp_force_websockets`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tailnet_silently_dead_websocket_relay_mid_transfer_is_redialed_and_loses_nothing() {
     if !have_openssh() {
@@ -1144,7 +1145,7 @@ async fn tailnet_silently_dead_websocket_relay_mid_transfer_is_redialed_and_lose
     silently_dead_relay_case(true).await;
 }
 
-/// Row T2: the live relay connection is killed and the relay refuses every
+/// The live relay connection is killed and the relay refuses every
 /// new connection for a minute (less than WireGuard's 120 s dead-path
 /// bound): the stream survives, redials back off (a few at first, then at
 /// most ~8 s apart, never a storm), the shim is back within seconds of
@@ -1210,7 +1211,7 @@ async fn tailnet_relay_refusing_redials_for_a_minute_backs_off_and_the_stream_su
     assert_eq!(code, Some(0), "{err}");
 }
 
-/// Row T3: the shim is stopped (SIGSTOP, as a closed laptop lid does) for
+/// The shim is stopped (SIGSTOP, as a closed laptop lid does) for
 /// three minutes mid-transfer — longer than the 120 s dead-path bound —
 /// then continued: the session recovers (relay, WireGuard) and the
 /// transfer started before the pause completes intact. Takes > 3 min of
@@ -1251,25 +1252,13 @@ async fn tailnet_shim_paused_three_minutes_mid_transfer_recovers_and_loses_nothi
     assert_eq!(code, Some(0), "{err}");
 }
 
-/// A bare coder-proxy over tailnet (no ssh), for the ending rows.
-fn tailnet_proxy(env: &Env) -> tokio::process::Command {
-    let mut c = tokio::process::Command::new(PROXY);
-    c.arg("--global-config")
-        .arg(env.config_dir())
-        .args(["--tunnel", "tailnet", "dev.coder"])
-        .env_remove("CODER_SESSION_TOKEN")
-        .env_remove("CODER_URL")
-        .kill_on_drop(true);
-    c
-}
-
-/// Row T4: the agent's side resets the in-tunnel TCP connection: reported
-/// like `tcp://` does (row 5) — exit 1 at once, one line on stderr.
+/// The agent's side resets the in-tunnel TCP connection: reported
+/// like `tcp://` does (`tcp_tunnel_reset_exits_at_once_with_one_line`) — exit 1 at once, one line on stderr.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tailnet_reset_by_the_agent_exits_1_with_one_line() {
     let env = Env::new(vec![WorkspaceSpec::new("dev")]).await;
     for round in 0..3 {
-        let (mut child, _stdin) = spawn_until_banner(tailnet_proxy(&env)).await;
+        let (mut child, _stdin) = spawn_until_banner(proxy(&env, Transport::Tailnet)).await;
         assert!(
             eventually(Duration::from_secs(10), || env
                 .sim
@@ -1307,77 +1296,5 @@ async fn tailnet_reset_by_the_agent_exits_1_with_one_line() {
                 == 0)
             .await
         );
-    }
-}
-
-/// Row T5: SIGTERM (and SIGHUP, SIGINT) mid-session over tailnet: the shim
-/// closes its in-tunnel connection towards the agent before it exits, so
-/// the agent's side of the stream ends (FIN or RST) instead of lingering.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn tailnet_signal_mid_session_closes_the_in_tunnel_connection_at_the_agent() {
-    if !have_openssh() {
-        return;
-    }
-    let env = Env::new(vec![WorkspaceSpec::new("dev")]).await;
-    for sig in ["TERM", "HUP", "INT"] {
-        let mut cmd = tailnet_ssh(&env, "");
-        cmd.arg("cat > /dev/null")
-            .stdin(Stdio::piped())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
-        let mut child = cmd.spawn().unwrap();
-        let mut stdin = child.stdin.take().unwrap();
-        let writer = tokio::spawn(async move {
-            let chunk = vec![0x5au8; 64 * 1024];
-            while stdin.write_all(&chunk).await.is_ok() {
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
-        });
-        let ssh_pid = child.id().unwrap();
-        let mut proxy_pid = None;
-        assert!(
-            eventually(Duration::from_secs(30), || {
-                proxy_pid = child_pid_named(ssh_pid, "coder-proxy");
-                proxy_pid.is_some() && env.sim.tailnet_streams("dev", "dev") == 1
-            })
-            .await,
-            "SIG{sig}: no session"
-        );
-        let pid = proxy_pid.unwrap();
-        std::process::Command::new("kill")
-            .arg(format!("-{sig}"))
-            .arg(pid.to_string())
-            .status()
-            .unwrap();
-        let t = Instant::now();
-        assert!(
-            eventually(Duration::from_secs(5), || !std::path::Path::new(&format!(
-                "/proc/{pid}"
-            ))
-            .exists()
-                || std::fs::read_to_string(format!("/proc/{pid}/stat"))
-                    .is_ok_and(|s| s.contains(") Z ")))
-            .await,
-            "coder-proxy {pid} still alive after SIG{sig}"
-        );
-        let exited = t.elapsed();
-        assert!(
-            exited < Duration::from_secs(1),
-            "SIG{sig}: exit took {exited:?}"
-        );
-        let closed = eventually(Duration::from_secs(5), || {
-            env.sim.tailnet_streams("dev", "dev") == 0
-        })
-        .await;
-        eprintln!(
-            "tailnet SIG{sig}: shim gone in {exited:?}; agent stream closed: {closed} ({:?})",
-            t.elapsed()
-        );
-        assert!(
-            closed,
-            "SIG{sig}: the agent's in-tunnel connection still open 5s after the shim exited"
-        );
-        let _ = tokio::time::timeout(Duration::from_secs(10), child.wait()).await;
-        writer.abort();
     }
 }

@@ -1,8 +1,8 @@
-//! The HTTP/1.1 client side of an upgrade, shared by the DERP dialer
-//! (`Upgrade: DERP`) and the websocket dialer: read a response head with a
-//! size bound, read (part of) an error body when the server said no, and
-//! hand back the upgraded stream with any bytes that arrived after the head
-//! replayed first.
+//! The HTTP/1.1 side of an upgrade, shared by the DERP dialer
+//! (`Upgrade: DERP`), the websocket dialer and the simulator's DERP
+//! acceptor: read a message head with a size bound, read (part of) an error
+//! body when the server said no, and hand back the upgraded stream with any
+//! bytes that arrived after the head replayed first.
 //!
 //! A refusal's body says why (coderd answers with Coder's error JSON), and
 //! it often arrives in a later TCP segment than the head: reading it here,
@@ -59,6 +59,17 @@ pub async fn read_response_head<S>(io: &mut S) -> Result<(ResponseHead, Bytes), 
 where
     S: AsyncRead + Unpin,
 {
+    let (head, rest) = read_head(io).await?;
+    Ok((parse_head(&head)?, rest))
+}
+
+/// Reads an HTTP/1 message head (request or response, up to the blank line;
+/// at most [`MAX_RESPONSE_HEAD`] bytes) and returns it as text with the
+/// bytes that came after it.
+pub async fn read_head<S>(io: &mut S) -> Result<(String, Bytes), HeadError>
+where
+    S: AsyncRead + Unpin,
+{
     let mut buf = Vec::with_capacity(1024);
     let head_end = loop {
         if let Some(pos) = find_head_end(&buf) {
@@ -71,16 +82,14 @@ where
         let want = chunk.len().min(MAX_RESPONSE_HEAD + 4 - buf.len());
         let n = io.read(&mut chunk[..want]).await?;
         if n == 0 {
-            return Err(HeadError::Bad(
-                "connection closed before the response head ended",
-            ));
+            return Err(HeadError::Bad("connection closed before the head ended"));
         }
         buf.extend_from_slice(&chunk[..n]);
     };
     let head = std::str::from_utf8(&buf[..head_end])
-        .map_err(|_| HeadError::Bad("response head is not UTF-8"))?;
-    let parsed = parse_head(head)?;
-    Ok((parsed, Bytes::copy_from_slice(&buf[head_end + 4..])))
+        .map_err(|_| HeadError::Bad("the head is not UTF-8"))?
+        .to_string();
+    Ok((head, Bytes::copy_from_slice(&buf[head_end + 4..])))
 }
 
 /// Reads what a refusal's body holds, up to [`MAX_ERROR_BODY`] bytes and

@@ -12,10 +12,9 @@
 
 use std::io;
 
-use bytes::Bytes;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 
-use crate::http1::{read_error_body, read_response_head, HeadError};
+use crate::http1::{read_error_body, read_head, read_response_head, HeadError};
 pub use crate::http1::{Upgraded, MAX_RESPONSE_HEAD};
 
 use super::client::{ClientOptions, DerpClient};
@@ -179,10 +178,6 @@ fn build_request(host: &str, extra: &[(String, String)]) -> Result<String, Upgra
     Ok(req)
 }
 
-fn find_head_end(buf: &[u8]) -> Option<usize> {
-    buf.windows(4).position(|w| w == b"\r\n\r\n")
-}
-
 /// Server side of the upgrade, for the simulator: reads the request head
 /// from `io` (bounded), and if it asks for `Upgrade: DERP` answers `101`
 /// with `Derp-Version` and `Derp-Public-Key`; otherwise answers
@@ -195,26 +190,7 @@ pub async fn accept_upgrade<S>(
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    let mut buf = Vec::with_capacity(1024);
-    let head_end = loop {
-        if let Some(pos) = find_head_end(&buf) {
-            break pos;
-        }
-        if buf.len() >= MAX_RESPONSE_HEAD {
-            return Err(UpgradeError::HeadTooLarge);
-        }
-        let mut chunk = [0u8; 2048];
-        let want = chunk.len().min(MAX_RESPONSE_HEAD + 4 - buf.len());
-        let n = io.read(&mut chunk[..want]).await?;
-        if n == 0 {
-            return Err(UpgradeError::BadResponse(
-                "connection closed before the request head ended",
-            ));
-        }
-        buf.extend_from_slice(&chunk[..n]);
-    };
-    let head = std::str::from_utf8(&buf[..head_end])
-        .map_err(|_| UpgradeError::BadResponse("request head is not UTF-8"))?;
+    let (head, rest) = read_head(&mut io).await.map_err(head_error)?;
     let mut lines = head.split("\r\n");
     let request_line = lines.next().unwrap_or_default();
     let mut headers = Vec::new();
@@ -244,6 +220,5 @@ where
     );
     io.write_all(resp.as_bytes()).await?;
     io.flush().await?;
-    let rest = Bytes::copy_from_slice(&buf[head_end + 4..]);
     Ok(Some((Upgraded::new(rest, io), headers)))
 }

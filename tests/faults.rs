@@ -26,7 +26,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use coder_sim::{AgentStatus, ApiFault, Route, WorkspaceSpec};
-use common::proxy::{have_tinyproxy, tcp_peers_of, ProxyOptions, Tinyproxy};
+use common::proxy::{have_tinyproxy, tcp_peers_of, without_proxy_env, ProxyOptions, Tinyproxy};
 use common::*;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
 use tokio::process::Command;
@@ -87,23 +87,6 @@ fn proxy(env: &Env, t: Transport) -> Command {
         .kill_on_drop(true);
     without_proxy_env(&mut c);
     c
-}
-
-/// The machine's own proxy settings must not leak into a row.
-fn without_proxy_env(c: &mut Command) {
-    for v in [
-        "HTTP_PROXY",
-        "http_proxy",
-        "HTTPS_PROXY",
-        "https_proxy",
-        "ALL_PROXY",
-        "all_proxy",
-        "NO_PROXY",
-        "no_proxy",
-        "CODER_PROXY_PROXY_LOOPBACK",
-    ] {
-        c.env_remove(v);
-    }
 }
 
 /// Generates `NAME::tcp` and `NAME::tailnet` from `async fn NAME(t: Transport)`.

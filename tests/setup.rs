@@ -484,19 +484,7 @@ fn tailnet_with_proxy_env(env: &Env, vars: &[(&str, String)]) -> tokio::process:
         .env_remove("CODER_SESSION_TOKEN")
         .env_remove("CODER_URL")
         .kill_on_drop(true);
-    for v in [
-        "HTTP_PROXY",
-        "http_proxy",
-        "HTTPS_PROXY",
-        "https_proxy",
-        "ALL_PROXY",
-        "all_proxy",
-        "NO_PROXY",
-        "no_proxy",
-        "CODER_PROXY_PROXY_LOOPBACK",
-    ] {
-        c.env_remove(v);
-    }
+    common::proxy::without_proxy_env(&mut c);
     for (k, v) in vars {
         c.env(k, v);
     }

@@ -175,3 +175,21 @@ pub fn tcp_peers_of(pid: u32) -> Vec<u16> {
     }
     ports
 }
+
+/// Keeps the machine's own proxy settings out of a command, so a test sees
+/// only the proxy environment it sets itself.
+pub fn without_proxy_env(c: &mut tokio::process::Command) {
+    for v in [
+        "HTTP_PROXY",
+        "http_proxy",
+        "HTTPS_PROXY",
+        "https_proxy",
+        "ALL_PROXY",
+        "all_proxy",
+        "NO_PROXY",
+        "no_proxy",
+        "CODER_PROXY_PROXY_LOOPBACK",
+    ] {
+        c.env_remove(v);
+    }
+}

@@ -581,9 +581,13 @@ func agentForgetsClient(t *testing.T, c client) {
 // the relay can go dead with no FIN or RST. Here the client proxy freezes
 // coder-proxy's DERP connection to real coderd's relay (open, nothing moves
 // either way): coder-proxy must notice (a DERP ping unanswered: real relays
-// only send a keep-alive every 60 s), dial the relay again within 30 s and
-// finish the transfer with nothing lost — the real relay handing the agent's
-// packets to the new connection.
+// only send a keep-alive every 60 s), dial the relay again and finish the
+// transfer with nothing lost — the real relay handing the agent's packets
+// to the new connection, soon: the real agent's TCP stack (gVisor, five
+// retransmissions, the last about 6.2 s after the first send) drops a
+// connection whose data goes unacknowledged for about 12.6 s. This test
+// once failed that way with a 15 s redial ("operation timed out" in the
+// agent's log); the download variant below is the strict check.
 func TestSilentRelayDeathIsRedialed(t *testing.T) {
 	d := newDeployment(t, deployOpts{clientProxy: true, startAgent: true})
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
@@ -606,12 +610,56 @@ func TestSilentRelayDeathIsRedialed(t *testing.T) {
 	took := redialAt.Sub(frozenAt)
 	t.Logf("silent relay death → redial: %.1fs", took.Seconds())
 	appendReport(t, fmt.Sprintf("- %s: silent relay death → redial %.1fs (real coderd relay)", t.Name(), took.Seconds()))
-	require.LessOrEqual(t, took, 30*time.Second, "redialed too late")
+	require.LessOrEqual(t, took, 10*time.Second, "redialed too late for a real agent")
 	code := p.wait(4 * time.Minute)
 	log := p.stderr.String()
 	require.Equal(t, 0, code, "stderr:\n%s", log)
 	require.Equal(t, src.Sum()+"\n", p.stdout.String(), "bytes lost")
 	require.Contains(t, log, "no answer to ping", "the silence was not found by the DERP ping probe")
+}
+
+// The same while the agent is the sender (a download read slowly, so the
+// agent has unacknowledged data in flight the whole time): the redial must
+// beat the agent's ~12.6 s give-up, and every byte arrives.
+func TestSilentRelayDeathDuringDownloadIsHealedBeforeTheAgentGivesUp(t *testing.T) {
+	d := newDeployment(t, deployOpts{clientProxy: true, startAgent: true})
+	const total = 24 * mib
+	c := coderProxy("tailnet")
+	args := append(sshOptions(c), c.host, fmt.Sprintf("head -c %d /dev/zero", total))
+	cmd := exec.Command("ssh", args...)
+	cmd.Env = d.clientEnv(d.user.SessionToken())
+	var stderr lockedBuffer
+	cmd.Stderr = &stderr
+	stdout, err := cmd.StdoutPipe()
+	require.NoError(t, err)
+	require.NoError(t, cmd.Start())
+	defer func() { _ = cmd.Process.Kill() }()
+	defer d.clientProxy.Thaw()
+	// Read at about 2 MiB/s: the agent's window stays full.
+	var got int64
+	buf := make([]byte, 64<<10)
+	start := time.Now()
+	var frozenAt time.Time
+	for {
+		n, err := stdout.Read(buf)
+		got += int64(n)
+		if err != nil {
+			break
+		}
+		if frozenAt.IsZero() && got >= 4*mib {
+			frozenAt = time.Now()
+			require.Positive(t, d.clientProxy.Freeze("/derp"), "no relay connection to freeze")
+		}
+		if due := start.Add(time.Duration(float64(got) / (2 * mib) * float64(time.Second))); time.Until(due) > 0 {
+			time.Sleep(time.Until(due))
+		}
+	}
+	waitErr := cmd.Wait()
+	log := stderr.String()
+	redials := d.clientProxy.RequestsSince("/derp", frozenAt)
+	require.NotEmpty(t, redials, "no relay redial; stderr:\n%s", log)
+	require.Equal(t, int64(total), got, "bytes lost (did the agent give up?); stderr:\n%s", log)
+	require.NoError(t, waitErr, "stderr:\n%s", log)
 }
 
 // --- An HTTP proxy in the path (a corporate proxy) -----------------------

@@ -86,6 +86,14 @@ pub struct Config {
     pub dead_after: Duration,
     /// Index for boringtun's session IDs (any value unique per peer).
     pub index: u32,
+    /// Abort (RST) a TCP connection that has data waiting to be sent or
+    /// acknowledged while nothing has come from the peer for this long;
+    /// `None` never gives up (the client: its dead-path rule decides). An
+    /// idle connection is never aborted. coder-sim's agent sets it to behave
+    /// like a real Coder agent, whose TCP stack stops after five
+    /// unanswered retransmissions. (Not smoltcp's own socket timeout: that
+    /// one also ends idle connections.)
+    pub tcp_give_up: Option<Duration>,
 }
 
 impl Config {
@@ -106,6 +114,7 @@ impl Config {
             keepalive: Some(25),
             dead_after: Duration::from_secs(120),
             index: 1,
+            tcp_give_up: None,
         }
     }
 }
@@ -732,6 +741,20 @@ impl Engine {
 
     /// Announce established connections, accept new ones, reap dead ones.
     async fn housekeeping(&mut self) -> Result<(), Stop> {
+        if let Some(limit) = self.cfg.tcp_give_up {
+            if self.last_rx.elapsed() >= limit {
+                for c in &self.conns {
+                    let s = self.sockets.get_mut::<tcp::Socket>(c.handle);
+                    if s.send_queue() > 0 && s.state() != tcp::State::Closed {
+                        log::debug!(
+                            "tcp: data unanswered for {}s; aborting the connection",
+                            limit.as_secs_f32()
+                        );
+                        s.abort();
+                    }
+                }
+            }
+        }
         // A listener that got a connection becomes a connection; listen again.
         if let Some(h) = self.listener {
             let s = self.sockets.get::<tcp::Socket>(h);

@@ -885,6 +885,49 @@ async fn a_silently_dead_connection_fails_recv_with_no_pong() {
     server.drop_all();
 }
 
+/// Silence after we sent packets is suspicious sooner than idle silence:
+/// answers were due. A real Coder agent gives up on unacknowledged data
+/// after about 12.6 s, so a busy connection's death must be found fast.
+#[tokio::test]
+async fn a_silent_connection_with_packets_out_is_probed_at_the_busy_bound() {
+    let server = DerpServer::new();
+    let opts = ClientOptions {
+        probe_after: Some(Duration::from_secs(30)),
+        probe_after_busy: Duration::from_millis(500),
+        probe_timeout: Duration::from_millis(1000),
+        ..ClientOptions::default()
+    };
+    let (c, key) = connect_with(&server, opts, 1 << 17).await;
+    let (sender, mut rx) = c.into_split();
+    assert_eq!(server.freeze_client(&key.public()), 1);
+    let peer = NodePrivate::generate().public();
+    sender
+        .try_send(&peer, b"a datagram awaiting an answer")
+        .expect("queued");
+    let t = std::time::Instant::now();
+    let err = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match rx.recv().await {
+                // Whatever the relay still said before it froze: keep
+                // datagrams going out, as a live tunnel would.
+                Ok(_) => {
+                    let _ = sender.try_send(&peer, b"another datagram");
+                }
+                Err(e) => return e,
+            }
+        }
+    })
+    .await
+    .expect("the busy bound, not the 30 s idle one");
+    assert!(matches!(err, DerpError::NoPong(_)), "{err}");
+    assert!(
+        t.elapsed() < Duration::from_secs(5),
+        "found dead after {:?}",
+        t.elapsed()
+    );
+    server.drop_all();
+}
+
 /// A write that cannot make progress (the relay stopped reading and the
 /// pipe is full) ends the connection with WriteStalled, even while the
 /// probe is off.

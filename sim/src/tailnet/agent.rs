@@ -50,6 +50,14 @@ pub(crate) const SEND_WAIT: Duration = Duration::from_secs(2);
 /// back to a live session. This only reaps engines of clients that
 /// vanished without a word; Coder's `lostTimeout` is the same 15 minutes.
 const CLIENT_SILENCE: Duration = Duration::from_secs(15 * 60);
+/// A real Coder agent's userspace TCP stack (gVisor, as Coder's tailscale
+/// fork configures it) gives up on a connection after five unanswered
+/// retransmissions: 0.2 + 0.4 + 0.8 + 1.6 + 3.2 s and a last 6.4 s wait at
+/// the minimum retransmission timeout, about 12.6 s after the first
+/// unacknowledged segment (the real-Coder suite saw an SSH session end with
+/// "operation timed out" 13 s into a relay outage). The fake agent does the
+/// same, so a client that is slow to heal its data path fails here too.
+const AGENT_TCP_GIVE_UP: Duration = Duration::from_millis(12_600);
 
 /// One running fake agent. [`AgentPeer::stop`] ends it.
 pub(crate) struct AgentPeer {
@@ -440,6 +448,7 @@ fn new_engine(
     );
     cfg.index = tn.next_engine_index();
     cfg.dead_after = CLIENT_SILENCE;
+    cfg.tcp_give_up = Some(AGENT_TCP_GIVE_UP);
     let mut handle = wg::spawn(cfg, out_tx);
     let (_, closed) = mpsc::channel(1);
     let mut accepted = std::mem::replace(&mut handle.streams, closed);

@@ -9,9 +9,16 @@
 //! Liveness is this module's too, because a relay connection can die with
 //! no FIN or RST (a laptop sleep, a Wi-Fi change, a NAT mapping expiring)
 //! and real relays send a KeepAlive only every 60 s. With nothing read for
-//! [`ClientOptions::probe_after`] the receiver sends a Ping; with still
-//! nothing read [`ClientOptions::probe_timeout`] later, `recv` fails with
-//! [`DerpError::NoPong`]. A write that makes no progress for
+//! [`ClientOptions::probe_after`] — or only [`ClientOptions::probe_after_busy`]
+//! when we have sent packets since the last frame arrived, so answers are
+//! due — the receiver sends a Ping; with still nothing read
+//! [`ClientOptions::probe_timeout`] later, `recv` fails with
+//! [`DerpError::NoPong`]. The bounds are short on purpose: a real Coder
+//! agent's TCP stack retransmits unacknowledged data five times, the last
+//! about 6.2 s after the first send (at the minimum 200 ms timeout), and
+//! gives up on the connection at about 12.6 s — so a dead relay must be
+//! replaced within roughly 6 s of the agent's first unanswered packet for
+//! the session to live. Busy: a Ping after 1 s of silence, dead 2 s later. A write that makes no progress for
 //! [`ClientOptions::write_timeout`] ends the writer, and `recv` then fails
 //! with [`DerpError::WriteStalled`]. Both bounds count only time the
 //! process was awake ([`crate::clock`]). The writer task ends by itself
@@ -53,6 +60,9 @@ pub struct ClientOptions {
     /// Send a Ping after this long with nothing read; `None` never probes
     /// (the connection then dies only by EOF, an error or a stalled write).
     pub probe_after: Option<Duration>,
+    /// The same, when packets went out since the last frame came in (so
+    /// acknowledgements are due): silence is suspicious sooner.
+    pub probe_after_busy: Duration,
     /// After the probe, how much longer with nothing read makes the
     /// connection dead.
     pub probe_timeout: Duration,
@@ -68,8 +78,9 @@ impl Default for ClientOptions {
             is_prober: false,
             handshake_timeout: Duration::from_secs(10),
             send_queue: 64,
-            probe_after: Some(Duration::from_secs(5)),
-            probe_timeout: Duration::from_secs(10),
+            probe_after: Some(Duration::from_secs(4)),
+            probe_after_busy: Duration::from_secs(1),
+            probe_timeout: Duration::from_secs(2),
             write_timeout: Duration::from_secs(10),
         }
     }
@@ -195,6 +206,9 @@ pub struct DerpSender {
 struct WriterState {
     /// Frames accepted into the queue so far.
     queued: AtomicU64,
+    /// Packets (SendPacket frames) accepted so far: what we expect answers
+    /// to.
+    packets: AtomicU64,
     /// Frames written (and flushed) so far.
     written: watch::Sender<u64>,
     /// Why the writer stopped, if it failed.
@@ -216,11 +230,14 @@ pub struct DerpReceiver<S> {
     reader: FrameReader<ReadHalf<S>>,
     pongs: DerpSender,
     probe_after: Option<Duration>,
+    probe_after_busy: Duration,
     probe_timeout: Duration,
+    /// Packets sent when the last frame arrived (see `WriterState::packets`).
+    packets_at_read: u64,
     /// Awake time since the last frame arrived.
     silence: AwakeClock,
-    /// A Ping went out for the current silence.
-    probed: bool,
+    /// How far into the current silence our Ping went out, if it did.
+    probed_at: Option<Duration>,
     /// Wakes `recv` to look at the silence.
     tick: Interval,
     pings: u64,
@@ -318,6 +335,7 @@ where
         let (tx, rx) = mpsc::channel(opts.send_queue.max(1));
         let writer = Arc::new(WriterState {
             queued: AtomicU64::new(0),
+            packets: AtomicU64::new(0),
             written: watch::channel(0).0,
             failure: Mutex::new(None),
         });
@@ -335,9 +353,11 @@ where
                 reader,
                 pongs: sender.clone(),
                 probe_after: opts.probe_after,
+                probe_after_busy: opts.probe_after_busy,
                 probe_timeout: opts.probe_timeout,
+                packets_at_read: 0,
                 silence: AwakeClock::new(),
-                probed: false,
+                probed_at: None,
                 tick,
                 pings: 0,
             },
@@ -402,7 +422,9 @@ impl DerpSender {
     /// connection is gone. Waits while the send queue is full.
     pub async fn send(&self, dst: &NodePublic, packet: &[u8]) -> Result<(), DerpError> {
         let body = send_packet_frame(dst, packet)?;
-        self.queue(body).await
+        self.queue(body).await?;
+        self.writer.packets.fetch_add(1, Ordering::Relaxed);
+        Ok(())
     }
 
     /// Like [`send`](Self::send), but never waits: a full queue is
@@ -413,6 +435,7 @@ impl DerpSender {
         match self.tx.try_send(body) {
             Ok(()) => {
                 self.writer.queued.fetch_add(1, Ordering::Relaxed);
+                self.writer.packets.fetch_add(1, Ordering::Relaxed);
                 Ok(())
             }
             Err(mpsc::error::TrySendError::Full(_)) => Err(DerpError::QueueFull),
@@ -456,6 +479,8 @@ impl DerpSender {
 
 /// How often a waiting receiver looks at its silence.
 const LIVENESS_TICK: Duration = Duration::from_secs(1);
+/// The same while packets we sent await an answer.
+const LIVENESS_TICK_BUSY: Duration = Duration::from_millis(250);
 
 fn send_packet_frame(dst: &NodePublic, packet: &[u8]) -> Result<Vec<u8>, DerpError> {
     if packet.len() > MAX_PACKET_SIZE {
@@ -488,12 +513,23 @@ impl<S: AsyncRead> DerpReceiver<S> {
                 got = self.reader.expect_frame(CLIENT_MAX_FRAME_LEN) => {
                     let (k, payload) = got?;
                     self.silence.reset();
-                    self.probed = false;
+                    self.probed_at = None;
+                    self.packets_at_read = self.pongs.writer.packets.load(Ordering::Relaxed);
                     if let Some(ev) = self.event(k, &payload) {
                         return Ok(ev);
                     }
                 }
-                _ = self.tick.tick(), if self.probe_after.is_some() => self.check_silence()?,
+                _ = self.tick.tick(), if self.probe_after.is_some() => {
+                    self.check_silence()?;
+                    // Look closer while answers are due (the busy bound is
+                    // short); an idle connection wakes once a second.
+                    let busy = self.pongs.writer.packets.load(Ordering::Relaxed) > self.packets_at_read;
+                    let period = if busy { LIVENESS_TICK_BUSY } else { LIVENESS_TICK };
+                    if self.tick.period() != period {
+                        self.tick = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+                        self.tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+                    }
+                }
             }
         }
     }
@@ -507,11 +543,20 @@ impl<S: AsyncRead> DerpReceiver<S> {
             log::debug!("derp: {gap:?} without running; not counted as silence");
         }
         let silent = self.silence.counted();
-        if self.probed && silent >= after + self.probe_timeout {
-            return Err(DerpError::NoPong(self.probe_timeout));
+        let busy = self.pongs.writer.packets.load(Ordering::Relaxed) > self.packets_at_read;
+        let after = if busy {
+            after.min(self.probe_after_busy)
+        } else {
+            after
+        };
+        if let Some(at) = self.probed_at {
+            if silent >= at + self.probe_timeout {
+                return Err(DerpError::NoPong(self.probe_timeout));
+            }
+            return Ok(());
         }
-        if !self.probed && silent >= after {
-            self.probed = true;
+        if silent >= after {
+            self.probed_at = Some(silent);
             self.pings += 1;
             let mut data = [0u8; 8];
             data.copy_from_slice(&self.pings.to_be_bytes());

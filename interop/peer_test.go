@@ -34,3 +34,9 @@ func TestPeerCoderCLIAgentForgetsClient(t *testing.T) {
 	requireCLI(t)
 	agentForgetsClient(t, coderCLI())
 }
+
+// A silently dead relay connection mid-upload, with the real CLI.
+func TestPeerCoderCLISilentRelayDeath(t *testing.T) {
+	requireCLI(t)
+	silentRelayDeath(t, coderCLI(), false)
+}

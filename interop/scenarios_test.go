@@ -589,33 +589,48 @@ func agentForgetsClient(t *testing.T, c client) {
 // once failed that way with a 15 s redial ("operation timed out" in the
 // agent's log); the download variant below is the strict check.
 func TestSilentRelayDeathIsRedialed(t *testing.T) {
-	d := newDeployment(t, deployOpts{clientProxy: true, startAgent: true})
+	silentRelayDeath(t, coderProxy("tailnet"), true)
+}
+
+func silentRelayDeath(t *testing.T, c client, strict bool) {
+	k := checker{t: t, c: c, strict: strict}
+	// Relay only: the real CLI would otherwise move to a direct UDP path to
+	// the (local) agent and never need the relay.
+	d := newDeployment(t, deployOpts{clientProxy: true, startAgent: true, blockDirect: true})
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
 	defer cancel()
 	src := newPacedReader(40*mib, 2*mib, 11)
-	p := d.ssh(coderProxy("tailnet"), src, nil, "sha256sum | cut -d' ' -f1")
+	p := d.ssh(c, src, nil, "sha256sum | cut -d' ' -f1")
 	defer d.clientProxy.Thaw()
 	require.True(t, eventually(ctx, time.Minute, 20*time.Millisecond, func() bool { return src.Progress() >= 4*mib }),
 		"the transfer did not start; stderr:\n%s", p.stderr.String())
 	frozenAt := time.Now()
 	require.Positive(t, d.clientProxy.Freeze("/derp"), "no relay connection to freeze")
 	var redialAt time.Time
-	require.True(t, eventually(ctx, 45*time.Second, 20*time.Millisecond, func() bool {
+	redialed := eventually(ctx, 45*time.Second, 20*time.Millisecond, func() bool {
 		if len(d.clientProxy.RequestsSince("/derp", frozenAt)) > 0 {
 			redialAt = time.Now()
 			return true
 		}
-		return false
-	}), "no new relay connection 45s after the old one went silent; stderr:\n%s", p.stderr.String())
+		return p.exited()
+	}) && !redialAt.IsZero()
+	if !k.check(redialed, "no new relay connection 45s after the old one went silent") {
+		code := p.wait(4 * time.Minute)
+		intact := p.stdout.String() == src.Sum()+"\n"
+		k.note("relay frozen mid-upload: no redial within 45s; ssh exit %d after %.0fs, bytes intact: %v, last line %q",
+			code, time.Since(frozenAt).Seconds(), intact, lastLine(p.stderr.String()))
+		return
+	}
 	took := redialAt.Sub(frozenAt)
-	t.Logf("silent relay death → redial: %.1fs", took.Seconds())
-	appendReport(t, fmt.Sprintf("- %s: silent relay death → redial %.1fs (real coderd relay)", t.Name(), took.Seconds()))
-	require.LessOrEqual(t, took, 10*time.Second, "redialed too late for a real agent")
+	k.note("silent relay death → redial %.1fs (real coderd relay)", took.Seconds())
+	k.check(took <= 10*time.Second, "redialed after %.1fs, too late for a real agent", took.Seconds())
 	code := p.wait(4 * time.Minute)
 	log := p.stderr.String()
-	require.Equal(t, 0, code, "stderr:\n%s", log)
-	require.Equal(t, src.Sum()+"\n", p.stdout.String(), "bytes lost")
-	require.Contains(t, log, "no answer to ping", "the silence was not found by the DERP ping probe")
+	k.check(code == 0, "exit %d; stderr:\n%s", code, log)
+	k.check(p.stdout.String() == src.Sum()+"\n", "bytes lost")
+	if strict {
+		require.Contains(t, log, "no answer to ping", "the silence was not found by the DERP ping probe")
+	}
 }
 
 // The same while the agent is the sender (a download read slowly, so the

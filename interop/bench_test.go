@@ -425,8 +425,12 @@ func (t *timedReader) first() time.Time {
 }
 
 // coderVersion is the Coder module this suite is built from (the binaries
-// call themselves v0.0.0-devel: no release ldflags).
+// call themselves v0.0.0-devel: no release ldflags). scripts/interop.sh
+// passes it from `go list -m`; a test binary's build info may not list it.
 func coderVersion() string {
+	if v := os.Getenv("INTEROP_CODER_VERSION"); v != "" {
+		return v
+	}
 	if bi, ok := debug.ReadBuildInfo(); ok {
 		for _, m := range bi.Deps {
 			if m.Path == "github.com/coder/coder/v2" {

@@ -99,6 +99,8 @@ run=$(mktemp -d /tmp/coder-proxy-interop.XXXXXX)
 export INTEROP_LOG_DIR=$run/logs INTEROP_REPORT=$run/side-by-side.md
 export CODER_PROXY_BIN=$proxy_bin CODER_CLI_BIN=$PWD/bin/coder
 export DB=ci
+INTEROP_CODER_VERSION=$(go list -m -f '{{.Version}}' github.com/coder/coder/v2)
+export INTEROP_CODER_VERSION
 if [ -n "$bench_out" ]; then
   export INTEROP_BENCH_OUT=$bench_out
   ./bin/interop.test -test.run '^$' -test.bench SideBySide -test.benchtime 1x -test.timeout 60m "$@" 2>&1 | tee "$run/bench.txt"

@@ -81,7 +81,10 @@ impl Waiter<'_> {
         let mut last_poll = Instant::now();
         let mut watch_down = false;
         let mut api_trouble: Option<String> = None;
+        // The build whose log we follow, the last line printed, and whether
+        // its tail was printed when the build stage ended.
         let mut build_log_after = (String::new(), 0i64);
+        let mut build_log_done = true;
         let mut agent_log_after = 0i64;
         let mut waited_scripts = false;
         let mut dial_backoff = RETRY_MIN;
@@ -96,6 +99,17 @@ impl Waiter<'_> {
             };
             let decision = decide(&ws, self.target, &policy);
             log::debug!("decision: {decision:?}");
+            // A build can finish between two looks at its log: when its
+            // stage ends, print the lines we have not shown yet (as `coder
+            // ssh` streams the whole log).
+            let still_building = matches!(decision, Decision::Wait(Stage::Build { .. }))
+                && ws.latest_build.id == build_log_after.0;
+            if !build_log_done && !still_building {
+                let id = build_log_after.0.clone();
+                self.print_build_logs(&progress, &id, &mut build_log_after.1)
+                    .await;
+                build_log_done = true;
+            }
             let wait_stage = match decision {
                 Decision::Fail(msg) => {
                     progress.finish_stage(false);
@@ -255,18 +269,10 @@ impl Waiter<'_> {
                     if build_log_after.0 != ws.latest_build.id {
                         build_log_after = (ws.latest_build.id.clone(), 0);
                     }
-                    if let Ok(logs) = self
-                        .client
-                        .build_logs(&ws.latest_build.id, build_log_after.1)
-                        .await
-                    {
-                        for l in logs {
-                            build_log_after.1 = build_log_after.1.max(l.id);
-                            if !l.output.is_empty() {
-                                progress.line(&format!("    {}: {}", l.stage, l.output));
-                            }
-                        }
-                    }
+                    build_log_done = false;
+                    let id = build_log_after.0.clone();
+                    self.print_build_logs(&progress, &id, &mut build_log_after.1)
+                        .await;
                 }
                 Stage::Scripts => {
                     if let Some(agent) = self.chosen_agent(&ws) {
@@ -350,6 +356,19 @@ impl Waiter<'_> {
                     ));
                 }
                 _ = tokio::time::sleep_until(deadline.into()) => {}
+            }
+        }
+    }
+
+    /// Prints the lines of a build's log after `after` (best effort: a
+    /// failed read is retried on the next look) and moves `after` on.
+    async fn print_build_logs(&self, progress: &Progress, build_id: &str, after: &mut i64) {
+        if let Ok(logs) = self.client.build_logs(build_id, *after).await {
+            for l in logs {
+                *after = (*after).max(l.id);
+                if !l.output.is_empty() {
+                    progress.line(&format!("    {}: {}", l.stage, l.output));
+                }
             }
         }
     }

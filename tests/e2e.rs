@@ -74,6 +74,36 @@ async fn stopped_workspace_autostarts() {
     assert_eq!(ws["latest_build"]["transition"], "start");
 }
 
+/// A build that finishes between two looks at its log still has its whole
+/// log on stderr: the tail is printed when the build stage ends (found by
+/// the real-Coder suite, whose echo builds take a few milliseconds).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn autostart_prints_the_whole_build_log_of_a_quick_build() {
+    if !have_openssh() {
+        return;
+    }
+    let env = Env::new(vec![WorkspaceSpec::new("dev")
+        .stopped()
+        .build_time(Duration::from_millis(300))
+        .agent(AgentSpec::new("dev").connect_after(Duration::from_millis(1500)))])
+    .await;
+    let mut cmd = env.ssh("dev", "dev", "", "dev.coder");
+    cmd.arg("echo started");
+    let out = run(cmd, None, LIMIT).await;
+    let err = text(&out.stderr);
+    assert!(out.status.success(), "stderr: {err}");
+    for line in [
+        "sim: provisioner started",
+        "Plan: 1 to add, 0 to change, 0 to destroy.",
+        "docker_container.workspace[0]: Creation complete after 1s",
+    ] {
+        assert!(
+            err.contains(line),
+            "build log line {line:?} missing:\n{err}"
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn disable_autostart_fails_clearly() {
     if !have_openssh() {

@@ -292,14 +292,7 @@ async fn api_503_and_cut_watch_mid_session(t: Transport) {
         .await
         .expect("stop not noticed");
     assert!(st.is_ok());
-    let mut err = String::new();
-    child
-        .stderr
-        .take()
-        .unwrap()
-        .read_to_string(&mut err)
-        .await
-        .unwrap();
+    let err = read_stderr(&mut child).await;
     assert!(err.contains("was stopped"), "{err}");
     eprintln!(
         "{t:?}: stop noticed {:?} after the outage ended",
@@ -391,8 +384,7 @@ async fn stale_stopped_replay_does_not_close_a_session_after_autostart(t: Transp
         .await
     );
     if exited.is_some() {
-        let mut err = String::new();
-        let _ = child.stderr.take().unwrap().read_to_string(&mut err).await;
+        let err = read_stderr(&mut child).await;
         panic!("the stale replay closed the session: {err}");
     }
     stdin.write_all(b"still-here\n").await.unwrap();
@@ -402,8 +394,7 @@ async fn stale_stopped_replay_does_not_close_a_session_after_autostart(t: Transp
         .expect("the session stopped answering")
         .unwrap_or(0);
     if n == 0 {
-        let mut err = String::new();
-        let _ = child.stderr.take().unwrap().read_to_string(&mut err).await;
+        let err = read_stderr(&mut child).await;
         panic!("the stale replay closed the session: {err}");
     }
     assert_eq!(line, "got:still-here\n");
@@ -414,14 +405,7 @@ async fn stale_stopped_replay_does_not_close_a_session_after_autostart(t: Transp
         .await
         .expect("the stop was not noticed")
         .unwrap();
-    let mut err = String::new();
-    child
-        .stderr
-        .take()
-        .unwrap()
-        .read_to_string(&mut err)
-        .await
-        .unwrap();
+    let err = read_stderr(&mut child).await;
     assert!(err.contains("was stopped"), "{err}");
     assert!(status.code().is_some());
 }
@@ -490,14 +474,7 @@ async fn tailnet_coordinate_502_before_connect_is_retried_until_it_answers() {
         .fail_route(Route::Connection, 503, Duration::from_secs(3));
     let (mut child, _stdin) = spawn_until_banner(proxy(&env, Transport::Tailnet)).await;
     child.kill().await.unwrap();
-    let mut err = String::new();
-    child
-        .stderr
-        .take()
-        .unwrap()
-        .read_to_string(&mut err)
-        .await
-        .unwrap();
+    let err = read_stderr(&mut child).await;
     assert!(err.contains("retrying") && err.contains("503"), "{err}");
 
     // What a retry cannot change fails at once, with one line.
@@ -651,14 +628,7 @@ async fn tcp_tunnel_reset_exits_at_once_with_one_line() {
     let took = t.elapsed();
     assert!(took < Duration::from_millis(500), "exit took {took:?}");
     assert_eq!(status.code(), Some(1));
-    let mut err = String::new();
-    child
-        .stderr
-        .take()
-        .unwrap()
-        .read_to_string(&mut err)
-        .await
-        .unwrap();
+    let err = read_stderr(&mut child).await;
     assert_eq!(err.trim_end().lines().count(), 1, "{err}");
     assert!(err.contains("connection to the agent broke"), "{err}");
     eprintln!("tcp reset: exit {took:?} after reset");
@@ -1361,14 +1331,7 @@ async fn tailnet_reset_by_the_agent_exits_1_with_one_line() {
             .expect("still running after the reset")
             .unwrap();
         let took = t.elapsed();
-        let mut err = String::new();
-        child
-            .stderr
-            .take()
-            .unwrap()
-            .read_to_string(&mut err)
-            .await
-            .unwrap();
+        let err = read_stderr(&mut child).await;
         eprintln!(
             "tailnet reset round {round}: exit {:?} after {took:?}",
             status.code()

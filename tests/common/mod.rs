@@ -158,6 +158,16 @@ pub async fn run(mut cmd: Command, stdin: Option<&[u8]>, limit: Duration) -> Out
     }
 }
 
+/// Everything an exited (or killed) child wrote to its piped stderr.
+pub async fn read_stderr(child: &mut tokio::process::Child) -> String {
+    use tokio::io::AsyncReadExt;
+    let mut err = Vec::new();
+    if let Some(mut e) = child.stderr.take() {
+        let _ = e.read_to_end(&mut err).await;
+    }
+    text(&err)
+}
+
 pub fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
 }

@@ -387,8 +387,9 @@ mod tests {
         assert_eq!(coder_detail(b"upstream down\n"), ": upstream down");
     }
 
-    #[tokio::test]
-    async fn a_refused_upgrade_carries_its_status() {
+    /// A listener on loopback that reads one request and answers with each
+    /// of `writes` in turn; returns its port.
+    async fn answer_once(writes: Vec<Vec<u8>>) -> u16 {
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = l.local_addr().unwrap().port();
         tokio::spawn(async move {
@@ -396,14 +397,22 @@ mod tests {
             let (mut s, _) = l.accept().await.unwrap();
             let mut buf = vec![0u8; 4096];
             let _ = s.read(&mut buf).await;
-            let body = br#"{"message":"Agent not found."}"#;
-            let head = format!(
-                "HTTP/1.1 404 Not Found\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
-                body.len()
-            );
-            let _ = s.write_all(head.as_bytes()).await;
-            let _ = s.write_all(body).await;
+            for w in writes {
+                let _ = s.write_all(&w).await;
+            }
         });
+        port
+    }
+
+    #[tokio::test]
+    async fn a_refused_upgrade_carries_its_status() {
+        let body = br#"{"message":"Agent not found."}"#;
+        let head = format!(
+            "HTTP/1.1 404 Not Found\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+            body.len()
+        );
+        // Head and body in separate writes, as Go's server sends them.
+        let port = answer_once(vec![head.into_bytes(), body.to_vec()]).await;
         let url = Url::parse(&format!("http://127.0.0.1:{port}/api/v2/x/coordinate")).unwrap();
         let err = websocket(&ProxyEnv::default(), &url, &[], None)
             .await
@@ -419,15 +428,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_proxy_refusal_is_a_typed_proxy_error() {
-        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let port = l.local_addr().unwrap().port();
-        tokio::spawn(async move {
-            use tokio::io::{AsyncReadExt, AsyncWriteExt};
-            let (mut s, _) = l.accept().await.unwrap();
-            let mut buf = vec![0u8; 4096];
-            let _ = s.read(&mut buf).await;
-            let _ = s.write_all(b"HTTP/1.0 403 Access denied\r\n\r\n").await;
-        });
+        let port = answer_once(vec![b"HTTP/1.0 403 Access denied\r\n\r\n".to_vec()]).await;
         let proxies = ProxyEnv::from_vars(|k| match k {
             "HTTPS_PROXY" => Some(format!("http://127.0.0.1:{port}")),
             _ => None,

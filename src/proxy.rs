@@ -619,15 +619,11 @@ pub async fn connect(proxy: &Proxy, host: &str, port: u16) -> Result<TcpStream, 
             return Err(proxy.error(ProxyErrorKind::NotHttp));
         }
     }
-    let text = String::from_utf8_lossy(&head);
-    let status_line = text.lines().next().unwrap_or("");
-    let mut parts = status_line.splitn(3, ' ');
-    let _version = parts.next();
-    let status: u16 = parts
-        .next()
-        .and_then(|s| s.parse().ok())
-        .ok_or_else(|| proxy.error(ProxyErrorKind::NotHttp))?;
-    let reason = crate::coderd::one_line(parts.next().unwrap_or("").trim(), 80);
+    let text = String::from_utf8_lossy(&head[..head.len() - 4]);
+    let parsed = coder_tailnet::http1::parse_response_head(&text)
+        .map_err(|_| proxy.error(ProxyErrorKind::NotHttp))?;
+    let status = parsed.code;
+    let reason = crate::coderd::one_line(parsed.reason.trim(), 80);
     log::debug!("CONNECT {target}: HTTP {status} {reason}");
     match status {
         200..=299 => Ok(tcp),

@@ -60,7 +60,7 @@ where
     S: AsyncRead + Unpin,
 {
     let (head, rest) = read_head(io).await?;
-    Ok((parse_head(&head)?, rest))
+    Ok((parse_response_head(&head)?, rest))
 }
 
 /// Reads an HTTP/1 message head (request or response, up to the blank line;
@@ -158,7 +158,9 @@ fn find_head_end(buf: &[u8]) -> Option<usize> {
     buf.windows(4).position(|w| w == b"\r\n\r\n")
 }
 
-fn parse_head(head: &str) -> Result<ResponseHead, HeadError> {
+/// Parses a response head (status line and headers, without the blank
+/// line), for callers that read the head themselves.
+pub fn parse_response_head(head: &str) -> Result<ResponseHead, HeadError> {
     let mut lines = head.split("\r\n");
     let status = lines.next().ok_or(HeadError::Bad("empty response"))?;
     let mut parts = status.splitn(3, ' ');

@@ -1080,22 +1080,49 @@ fn client_key(env: &Env) -> coder_tailnet::derp::NodePublic {
     keys[0]
 }
 
+/// The client's relay connection, frozen (open, nothing read or written).
+struct FrozenRelay {
+    key: coder_tailnet::derp::NodePublic,
+    relay: coder_tailnet::derp::DerpServer,
+    before: u64,
+    at: Instant,
+}
+
+impl FrozenRelay {
+    fn freeze(env: &Env) -> FrozenRelay {
+        let key = client_key(env);
+        let relay = env.sim.derp_server();
+        let before = relay.active_conn(&key).expect("client not on the relay");
+        assert_eq!(env.sim.freeze_client_derp("dev", "dev"), 1);
+        FrozenRelay {
+            key,
+            relay,
+            before,
+            at: Instant::now(),
+        }
+    }
+
+    /// Waits up to `limit` for a new relay connection of the client;
+    /// returns whether it came and the time since the freeze.
+    async fn redialed_within(&self, limit: Duration) -> (bool, Duration) {
+        let ok = eventually(limit, || {
+            self.relay
+                .active_conn(&self.key)
+                .is_some_and(|c| c != self.before)
+        })
+        .await;
+        (ok, self.at.elapsed())
+    }
+}
+
 async fn silently_dead_relay_case(force_websockets: bool) {
     let env = Env::new(vec![WorkspaceSpec::new("dev")]).await;
     env.sim.set_derp_force_websockets(force_websockets);
     let mut up = SplitUpload::start(&env, 8 * MIB, 21).await;
     up.at_halfway(&env).await;
-    let key = client_key(&env);
-    let relay = env.sim.derp_server();
-    let before = relay.active_conn(&key).expect("client not on the relay");
-    assert_eq!(env.sim.freeze_client_derp("dev", "dev"), 1);
-    let silent_at = Instant::now();
+    let frozen = FrozenRelay::freeze(&env);
     up.resume();
-    let redialed = eventually(Duration::from_secs(40), || {
-        relay.active_conn(&key).is_some_and(|c| c != before)
-    })
-    .await;
-    let took = silent_at.elapsed();
+    let (redialed, took) = frozen.redialed_within(Duration::from_secs(40)).await;
     eprintln!(
         "tailnet relay fault (websockets: {force_websockets}): relay silent -> new relay connection in {took:?}"
     );
@@ -1153,11 +1180,7 @@ async fn tailnet_silently_dead_relay_during_a_download_is_healed_before_the_agen
         assert!(n > 0, "the download ended early");
         got += n;
     }
-    let key = client_key(&env);
-    let relay = env.sim.derp_server();
-    let before = relay.active_conn(&key).expect("client not on the relay");
-    assert_eq!(env.sim.freeze_client_derp("dev", "dev"), 1);
-    let silent_at = Instant::now();
+    let frozen = FrozenRelay::freeze(&env);
     let reader = tokio::spawn(async move {
         let mut buf = vec![0u8; 256 * 1024];
         let mut got = got;
@@ -1168,11 +1191,7 @@ async fn tailnet_silently_dead_relay_during_a_download_is_healed_before_the_agen
             }
         }
     });
-    let redialed = eventually(Duration::from_secs(20), || {
-        relay.active_conn(&key).is_some_and(|c| c != before)
-    })
-    .await;
-    let took = silent_at.elapsed();
+    let (redialed, took) = frozen.redialed_within(Duration::from_secs(20)).await;
     eprintln!(
         "tailnet relay fault during a download: relay silent -> new relay connection in {took:?}"
     );

@@ -8,10 +8,10 @@
 //!
 //! Over tailnet the stream is in-process, so two things `tcp://` gets from
 //! the kernel are done here: a reset from the agent reads as EOF, so at EOF
-//! the tunnel's death reason decides between an end and a break; and on a
-//! signal (or when our side ends the stream) the tunnel is closed towards
-//! the agent — a FIN, or a RST — before the process exits, so the agent's
-//! SSH server does not linger.
+//! the tunnel's death reason decides between an end and a break; and
+//! however the session ends the tunnel is closed towards the agent — a FIN,
+//! or a RST — and the coordinator is told we left, before the process
+//! exits, so neither the agent's SSH server nor its WireGuard peer lingers.
 
 use std::time::Duration;
 

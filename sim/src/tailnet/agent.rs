@@ -365,8 +365,13 @@ fn on_update(inner: &Arc<Inner>, tn: &Arc<Tailnet>, u: PeerUpdate) {
             send_ready_for_handshake(inner, tn, client);
         }
         PeerUpdateKind::Disconnected => {
+            // A client that said goodbye is dropped at once, live streams or
+            // not, as a real agent removes the peer from WireGuard: the
+            // client has closed its side by then, and a stream still being
+            // torn down here must not keep the peer forever (nothing else
+            // would remove it before the 15-minute silence rule).
             let mut engines = lock(&inner.engines);
-            engines.retain(|_, e| e.client != client || e.live.load(Ordering::SeqCst) > 0);
+            engines.retain(|_, e| e.client != client);
             log::debug!(
                 "coder-sim: agent {}: client {client} disconnected",
                 inner.id
